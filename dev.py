@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""The two README commands, and a helper for authors.
+
+    python3 dev.py book      build the book into _build/html (creates .venv on first use)
+    python3 dev.py test      pytest on swa_lib + nbval on every chapter notebook
+    python3 dev.py execute [NOTEBOOK ...]
+                             re-execute chapter notebooks in place (refresh stored outputs)
+
+Only the Python standard library is used here, so this runs on a fresh machine with Python
+3.10+. Everything else is installed into .venv from constraints.txt (pinned versions; torch is
+pinned to the CPU build).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+STAMP = VENV / ".swa_lib_installed"
+EXTRAS = "book,test,triton"
+
+
+def run(*cmd: str, env: dict | None = None) -> int:
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT, env=env)
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the pinned dependencies when they changed."""
+    if not PY.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    wanted = (ROOT / "constraints.txt").read_text() + (ROOT / "pyproject.toml").read_text()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    rc = run(str(PY), "-m", "pip", "install", "-q", "-c", "constraints.txt", "-e", f".[{EXTRAS}]")
+    if rc != 0:
+        sys.exit(rc)
+    rc = run(str(PY), "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3")
+    if rc != 0:
+        sys.exit(rc)
+    STAMP.write_text(wanted)
+
+
+def chapters() -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+
+
+def book() -> int:
+    ensure_venv()
+    jb = VENV / "bin" / "jupyter-book"
+    rc = run(str(jb), "build", ".", "--warningiserror", "--keep-going")
+    if rc == 0:
+        print(f"\nThe book is at {ROOT / '_build' / 'html' / 'index.html'}")
+    return rc
+
+
+def test(extra: list[str]) -> int:
+    ensure_venv()
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    return run(
+        str(PY), "-m", "pytest", "tests", *chapters(),
+        "--nbval", "--nbval-current-env", "--nbval-sanitize-with", "book/nbval_sanitize.cfg",
+        "-p", "no:cacheprovider", *extra, env=env,
+    )
+
+
+def execute(paths: list[str]) -> int:
+    ensure_venv()
+    code = (
+        "import sys, nbformat\n"
+        "from nbclient import NotebookClient\n"
+        "for path in sys.argv[1:]:\n"
+        "    nb = nbformat.read(path, as_version=4)\n"
+        "    NotebookClient(nb, timeout=900, kernel_name='python3',\n"
+        "                   resources={'metadata': {'path': 'book'}}).execute()\n"
+        "    nbformat.write(nb, path)\n"
+        "    print('executed', path, flush=True)\n"
+    )
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    return run(str(PY), "-c", code, *(paths or chapters()), env=env)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"book", "test", "execute"}:
+        print(__doc__)
+        return 2
+    if argv[0] == "book":
+        return book()
+    if argv[0] == "test":
+        return test(argv[1:])
+    return execute(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

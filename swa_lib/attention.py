@@ -1,0 +1,154 @@
+"""The public entry point: validate once, build the pattern, dispatch to a backend."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .backends import choose_backend
+from .masks import AttentionPattern, check_window
+
+__all__ = ["sliding_window_attention", "make_pattern"]
+
+
+def _check_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have 4 dims (B, H, N, D), got {x.ndim} dims with shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (bq, hq, nq, dq), (bk, hk, nk, dk), (bv, hv, nv, _) = q.shape, k.shape, v.shape
+    if not (bq == bk == bv):
+        raise ValueError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if dq != dk:
+        raise ValueError(f"q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if (hk, nk) != (hv, nv):
+        raise ValueError(f"k and v must agree in heads and length: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hk})")
+    if nq > nk:
+        raise ValueError(f"more queries than keys is not supported: q has N={nq}, k has N={nk}")
+
+
+def _global_mask(global_tokens, batch: int, n: int, device) -> Optional[torch.Tensor]:
+    """Normalise global tokens to a bool mask (B, n).
+
+    Accepts a bool mask (B, n) or (n,), or integer indices (G,) shared by the batch or (B, G).
+    """
+    if global_tokens is None:
+        return None
+    g = global_tokens
+    if not isinstance(g, torch.Tensor):
+        g = torch.as_tensor(g)
+    if g.dtype == torch.bool:
+        if g.ndim == 1:
+            g = g[None].expand(batch, -1)
+        if g.shape != (batch, n):
+            raise ValueError(f"global_tokens mask must have shape ({batch}, {n}) or ({n},), got {tuple(g.shape)}")
+        return g.to(device)
+    if g.dtype.is_floating_point or g.dtype.is_complex:
+        raise TypeError(f"global_tokens must be a bool mask or integer indices, got dtype {g.dtype}")
+    if g.ndim == 1:
+        g = g[None].expand(batch, -1)
+    if g.ndim != 2 or g.shape[0] != batch:
+        raise ValueError(f"global_tokens indices must have shape (G,) or ({batch}, G), got {tuple(g.shape)}")
+    if g.numel() and (int(g.min()) < 0 or int(g.max()) >= n):
+        raise ValueError(f"global_tokens indices must lie in [0, {n}), got min {int(g.min())}, max {int(g.max())}")
+    mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    mask.scatter_(1, g.to(device=device, dtype=torch.long), True)
+    return mask
+
+
+def make_pattern(
+    window,
+    *,
+    dilation: Union[int, Sequence[int]] = 1,
+    sinks: int = 0,
+    global_tokens=None,
+    batch: int = 1,
+    heads: int = 1,
+    n: Optional[int] = None,
+    device=None,
+) -> AttentionPattern:
+    """Validate the pattern arguments of :func:`sliding_window_attention` and build the pattern."""
+    left, right = check_window(window)
+    if not isinstance(dilation, int) and isinstance(dilation, Sequence) and len(dilation) != heads:
+        raise ValueError(f"dilation per head needs {heads} entries (one per query head), got {len(dilation)}")
+    g = None
+    if global_tokens is not None:
+        if n is None:
+            raise ValueError("global tokens need the sequence length n")
+        g = _global_mask(global_tokens, batch, n, device)
+        if not bool(g.any()):
+            g = None  # an empty set of global tokens is no global tokens
+    return AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window,
+    *,
+    dilation: Union[int, Sequence[int]] = 1,
+    global_tokens=None,
+    sinks: int = 0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sliding window attention: each query attends only to keys inside its window.
+
+    Args:
+        q: queries ``(B, H, N_q, D)``.
+        k: keys ``(B, H_kv, N_k, D)``, with ``H`` a multiple of ``H_kv`` (grouped-query
+            attention) and ``N_q <= N_k`` (queries are the last ``N_q`` positions).
+        v: values ``(B, H_kv, N_k, D_v)``.
+        window: inclusive ``(left, right)``: query ``i`` attends key ``j`` iff
+            ``i - left <= j <= i + right``. ``(w, 0)`` is causal, ``(w, w)`` symmetric, and
+            ``(N, N)`` is full attention. Other libraries' conventions: :mod:`swa_lib.masks`.
+        dilation: keep only keys with ``(i - j) % dilation == 0`` inside the window; an int
+            or one int per query head.
+        global_tokens: tokens that attend to all and are attended by all (Longformer): a bool
+            mask ``(B, N_k)`` or ``(N_k,)``, or integer positions ``(G,)`` or ``(B, G)``.
+        sinks: the first ``sinks`` keys are always visible (StreamingLLM attention sinks).
+        scale: score scale, default ``D ** -0.5``.
+        backend: ``"auto"`` (fastest backend able to run the call on this device) or a name
+            from :func:`swa_lib.available_backends` (``"loop"``, ``"dense"``, ``"sdpa"``, ...).
+            A named backend that cannot run the call raises instead of falling back.
+
+    Returns:
+        ``(B, H, N_q, D_v)`` in the dtype of ``q``.
+
+    Raises:
+        TypeError / ValueError naming the offending value for malformed input.
+    """
+    _check_qkv(q, k, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    pattern = make_pattern(
+        window,
+        dilation=dilation,
+        sinks=sinks,
+        global_tokens=global_tokens,
+        batch=q.shape[0],
+        heads=q.shape[1],
+        n=k.shape[2],
+        device=q.device,
+    )
+    chosen = choose_backend(backend, q, k, pattern)
+    return chosen.fn(q, k, v, pattern, float(scale))

@@ -1,0 +1,122 @@
+"""The backend registry: which implementations exist and what each can do.
+
+Every backend is a function ``fn(q, k, v, pattern, scale) -> out`` on validated ``(B, H, N, D)``
+tensors, registered with its capabilities. :func:`swa_lib.sliding_window_attention` asks the
+registry for a backend by name, or with ``backend="auto"`` for the highest-priority one whose
+capabilities cover the call. A backend asked for by name that cannot do the call raises a
+``ValueError`` saying why; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .masks import AttentionPattern
+
+__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "choose_backend", "BACKENDS"]
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionPattern, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered implementation and what it supports.
+
+    Attributes:
+        name: the string users pass as ``backend=``.
+        fn: ``fn(q, k, v, pattern, scale) -> out``.
+        priority: ``"auto"`` prefers higher numbers (faster backends).
+        devices: device types it runs on (``"cpu"``, ``"cuda"``).
+        dtypes: floating dtypes it accepts.
+        dilation, global_tokens, sinks, gqa, cross_length: pattern features it implements
+            (``cross_length``: fewer queries than keys, as in cached decoding).
+        autograd: whether gradients flow through it.
+        is_available: a check for optional dependencies (e.g. Triton).
+        auto: whether ``"auto"`` may choose it (the loop oracle never is chosen).
+        max_auto_len: ``"auto"`` skips it above this many keys (dense paths are O(N^2)).
+    """
+
+    name: str
+    fn: AttentionFn
+    priority: int
+    devices: frozenset = frozenset({"cpu", "cuda"})
+    dtypes: frozenset = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    dilation: bool = True
+    global_tokens: bool = True
+    sinks: bool = True
+    gqa: bool = True
+    cross_length: bool = True
+    autograd: bool = True
+    is_available: Callable[[], bool] = lambda: True
+    auto: bool = True
+    max_auto_len: Optional[int] = None
+
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern) -> Optional[str]:
+        """Why this backend cannot run the call, or None if it can."""
+        if not self.is_available():
+            return f"backend {self.name!r} is not available here (missing optional dependency or device)"
+        if q.device.type not in self.devices:
+            return f"backend {self.name!r} does not run on device {q.device.type!r} (runs on {sorted(self.devices)})"
+        if q.dtype not in self.dtypes:
+            return f"backend {self.name!r} does not support dtype {q.dtype}"
+        if pattern.max_dilation > 1 and not self.dilation:
+            return f"backend {self.name!r} does not support dilation (got dilation={pattern.dilation})"
+        if pattern.global_tokens is not None and not self.global_tokens:
+            return f"backend {self.name!r} does not support global tokens"
+        if pattern.sinks and not self.sinks:
+            return f"backend {self.name!r} does not support sinks (got sinks={pattern.sinks})"
+        if q.shape[1] != k.shape[1] and not self.gqa:
+            return f"backend {self.name!r} does not support grouped-query attention (H={q.shape[1]}, H_kv={k.shape[1]})"
+        if q.shape[2] != k.shape[2] and not self.cross_length:
+            return f"backend {self.name!r} needs as many queries as keys (N_q={q.shape[2]}, N_k={k.shape[2]})"
+        return None
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or replace) a backend in the registry."""
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends that can run on this machine."""
+    return [name for name, b in BACKENDS.items() if b.is_available()]
+
+
+def get_backend(name: str) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__} {name!r}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
+    return BACKENDS[name]
+
+
+def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern) -> Backend:
+    """Resolve ``name`` (or ``"auto"``) to a backend that can run this call, or raise."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if name == "auto":
+        candidates = sorted(
+            (b for b in BACKENDS.values() if b.auto), key=lambda b: b.priority, reverse=True
+        )
+        for backend in candidates:
+            if backend.unsupported(q, k, pattern) is not None:
+                continue
+            if needs_grad and not backend.autograd:
+                continue
+            if backend.max_auto_len is not None and k.shape[2] > backend.max_auto_len:
+                continue
+            return backend
+        raise ValueError("no registered backend can run this call")  # loop/dense cover everything
+    backend = get_backend(name)
+    reason = backend.unsupported(q, k, pattern)
+    if reason is not None:
+        raise ValueError(reason)
+    if needs_grad and not backend.autograd:
+        raise ValueError(f"backend {name!r} does not support autograd; call it under torch.no_grad()")
+    return backend

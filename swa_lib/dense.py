@@ -1,0 +1,75 @@
+"""Dense attention with a mask: compute all N_q x N_k scores, then throw most of them away.
+
+This is the obvious way to get sliding window attention out of ordinary attention, and the
+baseline every faster backend is measured against. Time and memory are O(N_q * N_k) whatever
+the window, which is exactly the cost sliding windows exist to avoid (chapter 1).
+
+Two routes:
+
+* :func:`dense_attention` spells the computation out (scores, mask, softmax, weighted sum) so
+  the book can show every step; it is exact in any floating dtype.
+* :func:`sdpa_attention` hands the same boolean mask to PyTorch's
+  ``scaled_dot_product_attention``, a strong peer on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .masks import AttentionPattern
+
+__all__ = ["dense_attention", "sdpa_attention", "masked_softmax", "expand_kv"]
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat key/value heads for grouped-query attention: (B, H_kv, N, D) -> (B, H, N, D)."""
+    heads_kv = x.shape[1]
+    if heads_kv == heads:
+        return x
+    return x.repeat_interleave(heads // heads_kv, dim=1)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where ``mask`` is True; rows with no True entry give zeros.
+
+    (``torch.softmax`` of a row that is all ``-inf`` is NaN; here such a row is defined as
+    attending to nothing, so it contributes zeros and passes zero gradient.)
+    """
+    scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max)  # exp(-inf) = 0 for masked entries
+    total = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern, scale: float
+) -> torch.Tensor:
+    """Masked full attention: ``softmax(mask(Q K^T * scale)) V``.
+
+    Shapes as in :func:`swa_lib.sliding_window_attention`. Builds the full
+    ``(B, H, N_q, N_k)`` score matrix: O(N^2) time and memory.
+    """
+    heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
+    k, v = expand_kv(k, heads), expand_kv(v, heads)  # (B, H, N_k, D)
+    mask = pattern.mask(n_q, n_k, num_heads=heads, device=q.device)  # (B|1, H|1, N_q, N_k)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, N_q, N_k)
+    weights = masked_softmax(scores, mask)  # (B, H, N_q, N_k)
+    return torch.matmul(weights, v)  # (B, H, N_q, D_v)
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern, scale: float
+) -> torch.Tensor:
+    """The same computation through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    The boolean band mask is materialised (O(N^2) memory), so SDPA can only use its
+    math or memory-efficient kernels, not FlashAttention. Every query sees at least itself,
+    so SDPA's NaN for fully masked rows never arises here.
+    """
+    heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
+    k, v = expand_kv(k, heads), expand_kv(v, heads)
+    mask = pattern.mask(n_q, n_k, num_heads=heads, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

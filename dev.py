@@ -52,8 +52,25 @@ def chapters() -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
 
 
+def unexecuted_chapters() -> list[str]:
+    """Chapters with a code cell that has never been run (no execution count)."""
+    import json
+
+    stale = []
+    for path in chapters():
+        cells = json.loads((ROOT / path).read_text())["cells"]
+        if any(c["cell_type"] == "code" and not c.get("execution_count") for c in cells):
+            stale.append(path)
+    return stale
+
+
 def book() -> int:
     ensure_venv()
+    stale = unexecuted_chapters()
+    if stale:
+        rc = execute(stale)
+        if rc != 0:
+            return rc
     jb = VENV / "bin" / "jupyter-book"
     rc = run(str(jb), "build", ".", "--warningiserror", "--keep-going")
     if rc == 0:
@@ -63,7 +80,8 @@ def book() -> int:
 
 def test(extra: list[str]) -> int:
     ensure_venv()
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    env.pop("MPLBACKEND", None)  # notebooks must use the inline backend so figures are stored
     return run(
         str(PY), "-m", "pytest", "tests", *chapters(),
         "--nbval", "--nbval-current-env", "--nbval-sanitize-with", "book/nbval_sanitize.cfg",
@@ -83,7 +101,8 @@ def execute(paths: list[str]) -> int:
         "    nbformat.write(nb, path)\n"
         "    print('executed', path, flush=True)\n"
     )
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    env.pop("MPLBACKEND", None)  # notebooks must use the inline backend so figures are stored
     return run(str(PY), "-c", code, *(paths or chapters()), env=env)
 
 

@@ -23,6 +23,8 @@ from .masks import (
     window_mask,
 )
 from .reference import loop_attention
+from .longformer import LongformerAttentionConfig, LongformerSelfAttention
+from .schedule import WindowSchedule, receptive_field_support, schedule_reach
 from . import _registry  # noqa: F401  (registers the built-in backends)
 
 __version__ = "0.1.0"
@@ -48,4 +50,9 @@ __all__ = [
     "to_flash_attn",
     "from_hf",
     "to_hf",
+    "LongformerAttentionConfig",
+    "LongformerSelfAttention",
+    "WindowSchedule",
+    "receptive_field_support",
+    "schedule_reach",
 ]

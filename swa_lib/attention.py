@@ -54,10 +54,10 @@ def _global_mask(global_tokens, batch: int, n: int, device) -> Optional[torch.Te
     if not isinstance(g, torch.Tensor):
         g = torch.as_tensor(g)
     if g.dtype == torch.bool:
+        if g.shape not in ((batch, n), (n,)):
+            raise ValueError(f"global_tokens mask must have shape ({batch}, {n}) or ({n},), got {tuple(g.shape)}")
         if g.ndim == 1:
             g = g[None].expand(batch, -1)
-        if g.shape != (batch, n):
-            raise ValueError(f"global_tokens mask must have shape ({batch}, {n}) or ({n},), got {tuple(g.shape)}")
         return g.to(device)
     if g.dtype.is_floating_point or g.dtype.is_complex:
         raise TypeError(f"global_tokens must be a bool mask or integer indices, got dtype {g.dtype}")

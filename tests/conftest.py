@@ -1,0 +1,29 @@
+"""Shared fixtures and helpers for the swa_lib test suite."""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")  # this process only; nbval kernels keep the inline backend
+
+
+def make_qkv(b=1, h=2, n=7, d=8, *, h_kv=None, n_q=None, d_v=None, dtype=torch.float64, seed=0, requires_grad=False):
+    """Random q, k, v of shape (B, H, N, D) (k/v with H_kv heads), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    h_kv = h if h_kv is None else h_kv
+    n_q = n if n_q is None else n_q
+    d_v = d if d_v is None else d_v
+    q = torch.randn(b, h, n_q, d, generator=gen, dtype=dtype)
+    k = torch.randn(b, h_kv, n, d, generator=gen, dtype=dtype)
+    v = torch.randn(b, h_kv, n, d_v, generator=gen, dtype=dtype)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+@pytest.fixture
+def qkv_factory():
+    return make_qkv

@@ -1,0 +1,99 @@
+"""Project-level consistency: packaging metadata, the conda environment, the book's config."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~ \[;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_environment_yml_agrees_with_pyproject():
+    project = _pyproject()["project"]
+    wanted = {r.replace(" ", "") for r in project["dependencies"]}
+    for extra in project["optional-dependencies"].values():
+        wanted |= {r.replace(" ", "") for r in extra}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_deps = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = {d.replace(" ", "") for d in pip_deps if not d.startswith("-e")}
+    assert listed == wanted, f"only in environment.yml: {listed - wanted}; only in pyproject: {wanted - listed}"
+
+
+def test_constraints_pin_cpu_torch_and_cover_dependencies():
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[_name(name)] = version
+    assert pins["torch"] == "2.13.0"
+    project = _pyproject()["project"]
+    for req in project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]:
+        assert _name(req) in pins, f"{req} is not pinned in constraints.txt"
+
+
+def test_torch_lower_bound_is_loose():
+    deps = _pyproject()["project"]["dependencies"]
+    torch_req = next(d for d in deps if _name(d) == "torch")
+    assert "==" not in torch_req and "<" not in torch_req, torch_req
+
+
+def test_jupyter_book_is_version_1():
+    book = _pyproject()["project"]["optional-dependencies"]["book"]
+    assert any(r.replace(" ", "") == "jupyter-book>=1.0.4,<2" for r in book)
+
+
+def _config():
+    return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def _chapters():
+    return sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_book_config():
+    cfg = _config()
+    assert cfg["repository"]["branch"] == "main"
+    assert cfg["only_build_toc_files"] is True
+    assert cfg["sphinx"]["recursive_update"] is True
+    assert "colab_url" in cfg["launch_buttons"]
+
+
+def test_every_chapter_is_in_the_toc_and_vice_versa():
+    toc = (ROOT / "_toc.yml").read_text()
+    listed = set(re.findall(r"file:\s*(book/\d\d_[\w]+)", toc))
+    on_disk = {f"book/{p.stem}" for p in _chapters()}
+    assert listed == on_disk
+
+
+@pytest.mark.parametrize("path", _chapters(), ids=lambda p: p.name)
+def test_chapter_notebook_conventions(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3", "a kernelspec makes launch buttons appear"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "title first"
+    setup = nb.cells[1].source
+    url = _config()["repository"]["url"]
+    assert f"git+{url}.git" in setup, "the set-up cell must install from the repository URL in _config.yml"
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code_cells), "commit chapters executed (nbval checks outputs)"
+    assert not any(o.get("output_type") == "error" for c in code_cells for o in c.get("outputs", []))
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "## Exercises" in text and ":class: dropdown" in text
+
+
+def test_readme_has_exactly_the_two_commands_first():
+    readme = (ROOT / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
+    assert commands == ["python3 dev.py book", "python3 dev.py test"]
+    assert _config()["repository"]["url"] in readme

@@ -82,6 +82,13 @@ def test(extra: list[str]) -> int:
     ensure_venv()
     env = dict(os.environ, PYTHONHASHSEED="0")
     env.pop("MPLBACKEND", None)  # notebooks must use the inline backend so figures are stored
+    # The site test drives headless Chromium: find it, or install Debian's packages.
+    sys.path.insert(0, str(ROOT / "tools"))
+    import chromium
+
+    ok, message = chromium.ensure()
+    print(f"chromium: {message}", flush=True)
+    env["SWA_REQUIRE_BROWSER"] = "1" if ok else "0"
     return run(
         str(PY), "-m", "pytest", "tests", *chapters(),
         "--nbval", "--nbval-current-env", "--nbval-sanitize-with", "book/nbval_sanitize.cfg",

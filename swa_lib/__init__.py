@@ -6,6 +6,8 @@ imports Triton or sets ``TRITON_INTERPRET``).
 """
 
 from .attention import make_pattern, sliding_window_attention
+from .blocked import band_attention, blocked_attention
+from .chunked import chunked_attention, chunked_band_attention
 from .backends import Backend, available_backends, register_backend
 from .dense import dense_attention, sdpa_attention
 from .masks import (
@@ -23,6 +25,8 @@ from .masks import (
     window_mask,
 )
 from .reference import loop_attention
+from .distributed import sequence_parallel_attention, shard_bounds  # torch.distributed: no side effects
+from .kv_cache import RollingKVCache, SinkKVCache
 from .longformer import LongformerAttentionConfig, LongformerSelfAttention
 from .schedule import WindowSchedule, receptive_field_support, schedule_reach
 from . import _registry  # noqa: F401  (registers the built-in backends)
@@ -30,6 +34,10 @@ from . import _registry  # noqa: F401  (registers the built-in backends)
 __version__ = "0.1.0"
 
 __all__ = [
+    "sequence_parallel_attention",
+    "shard_bounds",
+    "RollingKVCache",
+    "SinkKVCache",
     "sliding_window_attention",
     "window_mask",
     "AttentionPattern",
@@ -37,6 +45,10 @@ __all__ = [
     "loop_attention",
     "dense_attention",
     "sdpa_attention",
+    "chunked_attention",
+    "chunked_band_attention",
+    "blocked_attention",
+    "band_attention",
     "available_backends",
     "register_backend",
     "Backend",
@@ -56,3 +68,13 @@ __all__ = [
     "receptive_field_support",
     "schedule_reach",
 ]
+
+
+def __getattr__(name):
+    # Lazy: ``swa_lib.triton_sliding_window_attention`` imports Triton (and fixes the interpreter
+    # choice, see swa_lib.triton_kernel) only when first used, never at ``import swa_lib``.
+    if name == "triton_sliding_window_attention":
+        from .triton_kernel import triton_sliding_window_attention
+
+        return triton_sliding_window_attention
+    raise AttributeError(f"module 'swa_lib' has no attribute {name!r}")

@@ -52,6 +52,8 @@ def _global_mask(global_tokens, batch: int, n: int, device) -> Optional[torch.Te
         return None
     g = global_tokens
     if not isinstance(g, torch.Tensor):
+        if isinstance(g, (list, tuple)) and len(g) == 0:
+            return None  # an empty list of positions: no global tokens
         g = torch.as_tensor(g)
     if g.dtype == torch.bool:
         if g.shape not in ((batch, n), (n,)):
@@ -92,7 +94,7 @@ def make_pattern(
         if n is None:
             raise ValueError("global tokens need the sequence length n")
         g = _global_mask(global_tokens, batch, n, device)
-        if not bool(g.any()):
+        if g is not None and not bool(g.any()):
             g = None  # an empty set of global tokens is no global tokens
     return AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)
 

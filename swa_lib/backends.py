@@ -37,6 +37,8 @@ class Backend:
         is_available: a check for optional dependencies (e.g. Triton).
         auto: whether ``"auto"`` may choose it (the loop oracle never is chosen).
         max_auto_len: ``"auto"`` skips it above this many keys (dense paths are O(N^2)).
+        wide_windows: ``"auto"`` prefers it when the window covers at least half of the keys
+            (then an O(N^2) fused kernel wastes at most 2x and beats banded code).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Backend:
     is_available: Callable[[], bool] = lambda: True
     auto: bool = True
     max_auto_len: Optional[int] = None
+    wide_windows: bool = False
 
     def unsupported(self, q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern) -> Optional[str]:
         """Why this backend cannot run the call, or None if it can."""
@@ -101,8 +104,13 @@ def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: Attenti
     """Resolve ``name`` (or ``"auto"``) to a backend that can run this call, or raise."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if name == "auto":
+        n_k = k.shape[2]
+        band = min(pattern.left, n_k - 1) + min(pattern.right, n_k - 1) + 1
+        wide = band * 2 >= n_k
         candidates = sorted(
-            (b for b in BACKENDS.values() if b.auto), key=lambda b: b.priority, reverse=True
+            (b for b in BACKENDS.values() if b.auto),
+            key=lambda b: (wide and b.wide_windows, b.priority),
+            reverse=True,
         )
         for backend in candidates:
             if backend.unsupported(q, k, pattern) is not None:

@@ -4,8 +4,9 @@ One layer with window ``(left, right)`` lets position ``i`` read positions ``i -
 ``i + right``. Stacking L layers composes these reaches, exactly like stacked convolutions
 (:cite:`luo2016receptive` for the CNN analogue): after L layers position i depends on
 positions ``i - L*left`` to ``i + L*right``, a receptive field of ``L*(left + right) + 1``
-tokens. Dilation multiplies a layer's reach by its dilation; global tokens connect everything
-in one layer.
+tokens. In swa_lib the window is the *span* a layer covers, so dilation does not change a
+layer's reach: it removes keys inside the span (at a fixed number of keys, dilation d therefore
+buys d times the reach; chapter 7). Global tokens connect everything in one layer.
 
 :func:`theoretical_reach` computes this on paper; :func:`measure_influence` measures it: it
 builds a small random stack of attention layers and takes the gradient of one output position
@@ -42,9 +43,8 @@ class LayerWindow:
 
     @property
     def reach(self) -> tuple[int, int]:
-        """How far one layer reaches (left, right): the window times the largest dilation."""
-        d = self.dilation if isinstance(self.dilation, int) else max(self.dilation)
-        return (self.window[0] * d, self.window[1] * d)
+        """How far one layer reaches (left, right): its window span (dilation thins the span)."""
+        return self.window
 
 
 def _as_layers(layers, num_layers: Optional[int] = None) -> list[LayerWindow]:
@@ -78,9 +78,11 @@ def receptive_field_size(layers, num_layers: Optional[int] = None) -> int:
 class AttentionStack(nn.Module):
     """A minimal stack of residual attention layers, for measuring receptive fields.
 
-    Each layer is ``x + W_o attn(W_q x, W_k x, W_v x)`` with its own pattern; there is no MLP
-    (an MLP acts per position and cannot move information between positions, so it does not
-    change the receptive field).
+    Each layer is ``x + W_o attn(W_q u, W_k u, W_v u)`` with ``u = rmsnorm(x)`` and its own
+    pattern. The normalisation (per position, so it moves no information) keeps the scores from
+    growing with depth; without it the softmax of a deep stack saturates and underflows to exact
+    zeros. There is no MLP: an MLP acts per position and cannot move information between
+    positions, so it does not change the receptive field.
     """
 
     def __init__(self, layers: Sequence[LayerWindow], d_model: int = 8, heads: int = 1, *, seed: int = 0):
@@ -108,8 +110,9 @@ class AttentionStack(nn.Module):
                 return t.reshape(batch, n, h, d_model // h).transpose(1, 2)
 
             g = None if spec.global_tokens is None else torch.tensor(spec.global_tokens, dtype=torch.long)
+            u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # RMS norm, per position
             a = sliding_window_attention(
-                split(wq(x)), split(wk(x)), split(wv(x)), spec.window,
+                split(wq(u)), split(wk(u)), split(wv(u)), spec.window,
                 dilation=spec.dilation, global_tokens=g, backend=backend,
             )  # (B, H, N, d_model / H)
             x = x + wo(a.transpose(1, 2).reshape(batch, n, d_model))

@@ -143,3 +143,24 @@ def test_public_names():
                  "to_mistral", "from_flash_attn", "to_flash_attn", "from_hf", "to_hf", "available_backends"]:
         assert hasattr(swa_lib, name), name
     assert {"loop", "dense", "sdpa"} <= set(swa_lib.available_backends())
+
+
+def test_empty_global_tokens_mean_none():
+    q, k, v = make_qkv()
+    plain = call(q, k, v, backend="dense")
+    for empty in ([], torch.zeros(7, dtype=torch.bool), torch.zeros(0, dtype=torch.long)):
+        torch.testing.assert_close(call(q, k, v, global_tokens=empty, backend="dense"), plain)
+
+
+def test_auto_prefers_a_fused_dense_kernel_for_wide_windows_and_banded_code_for_narrow():
+    from swa_lib.attention import make_pattern
+    from swa_lib.backends import choose_backend
+
+    q, k, v = make_qkv(1, 1, 256, 8, dtype=torch.float32)
+    assert choose_backend("auto", q, k, make_pattern((swa_lib.UNBOUNDED, 0))).name == "sdpa"
+    assert choose_backend("auto", q, k, make_pattern((200, 0))).name == "sdpa"
+    narrow = choose_backend("auto", q, k, make_pattern((8, 8))).name
+    assert narrow not in {"sdpa", "dense", "loop"}
+    long_q, long_k, _ = make_qkv(1, 1, 9000, 4, dtype=torch.float32)
+    # above max_auto_len the O(N^2) route is never chosen, however wide the window
+    assert choose_backend("auto", long_q, long_k, make_pattern((9000, 9000))).name not in {"sdpa", "dense"}

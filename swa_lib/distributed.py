@@ -1,0 +1,534 @@
+"""Sequence parallel sliding window attention: shard the tokens over ranks, swap only halos.
+
+Split a sequence of ``N`` tokens into ``P`` contiguous shards, one per rank of a
+``torch.distributed`` process group. A query at position ``i`` only needs the keys
+``i - left .. i + right``, so the rank holding positions ``[s, e)`` needs keys
+``[max(0, s - left), min(N, e + right))``: its own shard plus a *halo* of ``left`` tokens from
+the ranks before it and ``right`` tokens from the ranks after it. With ``P = 4``, ``left = 2``,
+``right = 1`` and ``N = 16``::
+
+    positions   0 1 2 3 | 4 5 6 7 | 8 9 a b | c d e f
+    rank 1 keys     2 3 | 4 5 6 7 | 8          (halo 2 from rank 0, 1 from rank 2)
+
+Each rank sends ``left + right`` tokens of keys and values whatever ``N`` is; all-gathering the
+full K/V (what ring attention does for full attention, one block at a time) moves
+``(P - 1) / P * N`` tokens per rank. A window wider than a shard is fine: the halo is then
+assembled from several ranks.
+
+:func:`sequence_parallel_attention` does the exchange with ``torch.distributed`` point-to-point
+operations (``batch_isend_irecv``), computes the local attention with
+:func:`swa_lib.sliding_window_attention` (so the fastest local backend runs) and returns the local
+output shard. Gradients flow back through the exchange: the halo gradients are sent to the ranks
+that own those keys and added there.
+
+Extensions of the window (:mod:`swa_lib.masks`):
+
+* ``dilation``: exact, the local key layout keeps true position differences.
+* ``sinks`` S: the keys ``0 .. S-1`` are gathered from their owners to every rank.
+* ``global_tokens`` (Longformer): the global keys are all-gathered and appended to every rank's
+  keys; a global *query* sees the whole sequence, so its output is merged exactly from every
+  rank's partial softmax with log-sum-exp weights. Global tokens must be the same for every
+  batch element here (a ``(N,)`` mask or positions); a per-example ``(B, N)`` mask with differing
+  rows raises ``ValueError``.
+
+Limits: self-attention only (queries, keys and values share the sharding); every shard must
+hold at least one token; all ranks must call the function with the same window, sinks, global
+tokens and shard sizes (they are part of the communication plan), and with gradients either
+on every rank or on none (the backward pass communicates). Tested with ``gloo`` on CPU (2 and 4
+processes); the code uses only operations that ``nccl`` also provides (``batch_isend_irecv``,
+``all_gather``, ``all_reduce``) and keeps tensors on their device, but has not been run on GPUs
+in this repository's tests.
+
+Self-check on several processes or GPUs (rank 0 prints the largest differences)::
+
+    torchrun --nproc_per_node=2 -m swa_lib.distributed --length 4096 --window 256 0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .attention import _check_qkv, sliding_window_attention
+from .dense import expand_kv
+from .masks import _check_int, check_window
+
+__all__ = [
+    "shard_bounds",
+    "ShardLayout",
+    "sequence_parallel_attention",
+    "shard_sequence",
+    "gather_sequence",
+    "halo_tokens_sent",
+    "halo_plan",
+]
+
+
+def shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` shards of ``n`` tokens over ``world_size`` ranks, as even as possible.
+
+    The first ``n % world_size`` ranks get one token more.
+
+    >>> shard_bounds(10, 4)
+    [(0, 3), (3, 6), (6, 8), (8, 10)]
+    """
+    n = _check_int("n", n, 0)
+    world_size = _check_int("world_size", world_size, 1)
+    base, extra = divmod(n, world_size)
+    bounds, start = [], 0
+    for r in range(world_size):
+        end = start + base + (1 if r < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Who owns which positions: ``sizes[r]`` tokens on rank ``r``, in rank order."""
+
+    sizes: tuple[int, ...]
+
+    def __post_init__(self):
+        sizes = tuple(self.sizes)
+        if not sizes:
+            raise ValueError("shard sizes must not be empty")
+        for r, s in enumerate(sizes):
+            if isinstance(s, bool) or not isinstance(s, int):
+                raise TypeError(f"shard size of rank {r} must be an int, got {s!r}")
+            if s < 1:
+                raise ValueError(f"every shard needs at least one token; rank {r} has {s}")
+        object.__setattr__(self, "sizes", sizes)
+
+    @property
+    def n(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.sizes)
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        start = sum(self.sizes[:rank])
+        return start, start + self.sizes[rank]
+
+    def key_range(self, rank: int, left: int, right: int) -> tuple[int, int]:
+        """Keys ``[ks, ke)`` that the queries of ``rank`` can reach through the band."""
+        s, e = self.bounds(rank)
+        return max(0, s - left), min(self.n, e + right)
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """Split positions ``[lo, hi)`` into ``(owner, lo, hi)`` pieces, in position order."""
+        out = []
+        for r in range(self.world_size):
+            s, e = self.bounds(r)
+            a, b = max(lo, s), min(hi, e)
+            if a < b:
+                out.append((r, a, b))
+        return out
+
+
+def halo_tokens_sent(layout: ShardLayout, window) -> list[int]:
+    """Tokens of K/V each rank sends in the halo exchange (one forward pass)."""
+    left, right = check_window(window)
+    sent = [0] * layout.world_size
+    for r in range(layout.world_size):
+        ks, ke = layout.key_range(r, left, right)
+        for owner, a, b in layout.pieces(ks, ke):
+            if owner != r:
+                sent[owner] += b - a
+    return sent
+
+
+def halo_plan(layout: ShardLayout, rank: int, left: int, right: int):
+    """The halo exchange of ``rank`` as two lists of position ranges.
+
+    Returns ``(need, give)``: ``need`` = ``(owner, a, b)`` pieces that make up this rank's keys
+    ``[ks, ke)`` in position order (its own shard included, owner == rank); ``give`` =
+    ``(peer, a, b)`` pieces of its own shard that other ranks need. Every rank computes the
+    whole plan from the shard sizes alone, so no sizes travel over the network.
+    """
+    need = layout.pieces(*layout.key_range(rank, left, right))
+    give = []
+    for peer in range(layout.world_size):
+        if peer != rank:
+            for owner, a, b in layout.pieces(*layout.key_range(peer, left, right)):
+                if owner == rank:
+                    give.append((peer, a, b))
+    return need, give
+
+
+# ---------------------------------------------------------------------------------------
+# Communication, with autograd.
+# ---------------------------------------------------------------------------------------
+
+
+def _peer(group, rank: int) -> int:
+    """Global rank of ``rank`` in ``group`` (P2POp wants global ranks)."""
+    if group is None or group is dist.group.WORLD:
+        return rank
+    return dist.get_global_rank(group, rank)
+
+
+def _exchange(sends, recvs, group) -> None:
+    """Post all sends ``(tensor, peer)`` and receives ``(buffer, peer)`` at once and wait."""
+    ops = [dist.P2POp(dist.isend, t, _peer(group, p), group) for t, p in sends]
+    ops += [dist.P2POp(dist.irecv, t, _peer(group, p), group) for t, p in recvs]
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+class _HaloExchange(torch.autograd.Function):
+    """``(B, H, e - s, C)`` local shard -> ``(B, H, ke - ks, C)`` shard with its halos.
+
+    Backward sends each halo's gradient back to the rank that owns those positions, which adds
+    it to the gradient of its own shard.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layout: ShardLayout, rank: int, left: int, right: int, group):
+        s, e = layout.bounds(rank)
+        ks, ke = layout.key_range(rank, left, right)
+        need, give = halo_plan(layout, rank, left, right)
+        sends = [(x[:, :, a - s : b - s].contiguous(), p) for p, a, b in give]
+        parts, recvs = [], []
+        for owner, a, b in need:
+            if owner == rank:
+                parts.append(x)
+            else:
+                buf = x.new_empty(x.shape[0], x.shape[1], b - a, x.shape[3])
+                parts.append(buf)
+                recvs.append((buf, owner))
+        _exchange(sends, recvs, group)
+        ctx.plan = (layout, rank, need, give, group, s, ks)
+        return torch.cat(parts, dim=2)  # (B, H, ke - ks, C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layout, rank, need, give, group, s, ks = ctx.plan
+        grad = grad.contiguous()
+        own = None
+        sends = []
+        for owner, a, b in need:
+            piece = grad[:, :, a - ks : b - ks]
+            if owner == rank:
+                own = piece.clone()
+            else:
+                sends.append((piece.contiguous(), owner))
+        bufs = [(grad.new_empty(grad.shape[0], grad.shape[1], b - a, grad.shape[3]), p, a, b) for p, a, b in give]
+        _exchange(sends, [(buf, p) for buf, p, _, _ in bufs], group)
+        for buf, _, a, b in bufs:
+            own[:, :, a - s : b - s] += buf
+        return own, None, None, None, None, None
+
+
+class _AllGather(torch.autograd.Function):
+    """Stack equally shaped tensors from every rank: ``x`` -> ``(P, *x.shape)``.
+
+    Backward: rank r's input fed every rank's copy, so its gradient is the sum over ranks of
+    the gradient of slot r (an all-reduce, then take slot r).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        world = dist.get_world_size(group)
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x, group=group)
+        ctx.group = group
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def _gather_positions(x, positions, layout: ShardLayout, rank: int, group):
+    """All-gather ``x[:, :, positions]`` (positions sorted, in the full sequence) to every rank.
+
+    Every rank contributes the positions it owns; returns ``(B, H, len(positions), C)`` in
+    position order on every rank, differentiable.
+    """
+    counts = []
+    for r in range(layout.world_size):
+        a, b = layout.bounds(r)
+        counts.append(sum(1 for p in positions if a <= p < b))
+    s, _ = layout.bounds(rank)
+    mine = torch.tensor([p - s for p in positions if layout.bounds(rank)[0] <= p < layout.bounds(rank)[1]],
+                        dtype=torch.long, device=x.device)
+    width = max(counts)
+    local = x.index_select(2, mine)  # (B, H, counts[rank], C)
+    if counts[rank] < width:
+        pad = x.new_zeros(x.shape[0], x.shape[1], width - counts[rank], x.shape[3])
+        local = torch.cat([local, pad], dim=2)
+    stacked = _AllGather.apply(local, group)  # (P, B, H, width, C)
+    return torch.cat([stacked[r, :, :, : counts[r]] for r in range(layout.world_size)], dim=2)
+
+
+# ---------------------------------------------------------------------------------------
+# The public function.
+# ---------------------------------------------------------------------------------------
+
+
+def _global_positions(global_tokens, n: int, batch: int) -> list[int]:
+    """Global tokens as sorted positions in the full sequence (shared by the batch)."""
+    if global_tokens is None:
+        return []
+    g = global_tokens if isinstance(global_tokens, torch.Tensor) else torch.as_tensor(global_tokens)
+    if g.dtype == torch.bool:
+        if g.ndim == 2:
+            if g.shape != (batch, n):
+                raise ValueError(f"global_tokens mask must have shape ({batch}, {n}) or ({n},), got {tuple(g.shape)}")
+            if not bool((g == g[:1]).all()):
+                raise ValueError(
+                    "sequence_parallel_attention needs the same global tokens for every batch element; "
+                    f"got a ({batch}, {n}) mask whose rows differ"
+                )
+            g = g[0]
+        if g.shape != (n,):
+            raise ValueError(f"global_tokens mask must have shape ({n},) over the full sequence, got {tuple(g.shape)}")
+        return [int(p) for p in torch.nonzero(g.cpu()).flatten()]
+    if g.dtype.is_floating_point or g.dtype.is_complex:
+        raise TypeError(f"global_tokens must be a bool mask or integer positions, got dtype {g.dtype}")
+    if g.ndim != 1:
+        raise ValueError(f"global_tokens positions must have shape (G,) (shared by the batch), got {tuple(g.shape)}")
+    pos = sorted({int(p) for p in g.cpu()})
+    if pos and (pos[0] < 0 or pos[-1] >= n):
+        raise ValueError(f"global_tokens positions must lie in [0, {n}), got min {pos[0]}, max {pos[-1]}")
+    return pos
+
+
+def _layout_from(shard_sizes, n_local: int, group, device) -> ShardLayout:
+    world = dist.get_world_size(group)
+    if shard_sizes is None:
+        mine = torch.tensor([n_local], dtype=torch.long, device=device)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=group)
+        return ShardLayout(tuple(int(t) for t in every))
+    layout = ShardLayout(tuple(shard_sizes))
+    if layout.world_size != world:
+        raise ValueError(f"shard_sizes has {layout.world_size} entries but the group has {world} ranks")
+    return layout
+
+
+def sequence_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window,
+    *,
+    group=None,
+    shard_sizes: Optional[Sequence[int]] = None,
+    dilation=1,
+    global_tokens=None,
+    sinks: int = 0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sliding window attention over a sequence sharded along N across a process group.
+
+    Every rank of ``group`` calls this with its own contiguous shard; rank ``r`` holds positions
+    ``[s_r, e_r)`` of the full sequence, in rank order. The result on every rank equals the
+    matching rows of :func:`swa_lib.sliding_window_attention` on the full tensors.
+
+    Args:
+        q, k, v: the local shards ``(B, H, n_r, D)``, ``(B, H_kv, n_r, D)``, ``(B, H_kv, n_r, D_v)``.
+        window: inclusive ``(left, right)`` as in :mod:`swa_lib.masks`; any width (a halo may
+            span several ranks; ``UNBOUNDED`` degenerates to all-gathering K/V).
+        group: the process group (default: the world).
+        shard_sizes: tokens per rank; if None they are all-gathered (one small collective).
+        dilation, sinks, scale, backend: as in :func:`swa_lib.sliding_window_attention`;
+            ``backend`` picks the local backend.
+        global_tokens: positions in the *full* sequence, shared by the batch: a bool mask
+            ``(N,)`` (or ``(B, N)`` with equal rows) or integer positions ``(G,)``; the same on
+            every rank.
+
+    Returns:
+        The local output shard ``(B, H, n_r, D_v)``.
+
+    Communication per rank and call: the halo, ``left + right`` tokens of K and V at most
+    (independent of N), plus the sink and global K/V/Q (all-gathered) and, with global tokens,
+    one all-gather of ``G x (D_v + 1)`` partial results per head.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("sequence_parallel_attention needs an initialised torch.distributed process group")
+    _check_qkv(q, k, v)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"queries and keys must be sharded alike (self-attention): q has {q.shape[2]} tokens, k has {k.shape[2]}"
+        )
+    left, right = check_window(window)
+    sinks = _check_int("sinks", sinks, 0)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    scale = float(scale)
+    rank = dist.get_rank(group)
+    layout = _layout_from(shard_sizes, q.shape[2], group, q.device)
+    s, e = layout.bounds(rank)
+    if e - s != q.shape[2]:
+        raise ValueError(f"rank {rank} holds {q.shape[2]} tokens but shard_sizes says {e - s}")
+    n = layout.n
+    batch, heads, d_k = q.shape[0], q.shape[1], k.shape[3]
+    gpos = _global_positions(global_tokens, n, batch)
+    n_sinks = min(sinks, n)
+    ks, ke = layout.key_range(rank, left, right)
+
+    # 1. Halo exchange of keys and values together: (B, H_kv, ke - ks, D + D_v).
+    kv = torch.cat([k, v], dim=-1)
+    kv_band = _HaloExchange.apply(kv, layout, rank, left, right, group)
+
+    # 2. Special keys: sinks 0..S-1 and global tokens, gathered to every rank.
+    special = sorted(set(range(n_sinks)) | set(gpos))
+    prefix_len = min(n_sinks, ks)  # sinks left of the band, placed in front of it
+    extra = [p for p in gpos if not (p < prefix_len or ks <= p < ke)]  # globals outside: appended
+    if special:
+        kv_special = _gather_positions(kv, special, layout, rank, group)  # (B, H_kv, len(special), C)
+        where = {p: i for i, p in enumerate(special)}
+        idx = torch.tensor([where[p] for p in extra], dtype=torch.long, device=q.device)
+        # Both pieces are used even when empty: every rank's output must depend on the gather,
+        # or autograd would skip its backward (an all-reduce) on some ranks and the others hang.
+        pieces = [kv_special[:, :, :prefix_len], kv_band, kv_special.index_select(2, idx)]
+        keys = torch.cat(pieces, dim=2)  # sinks are the first entries of `special`
+    else:
+        keys = kv_band
+    k_loc, v_loc = keys[..., :d_k], keys[..., d_k:]
+
+    # 3. Local attention. Pad the queries at the end so that the bottom-right alignment of the
+    #    public function puts local query r at the key index of its true position: with
+    #    n_k = prefix + (ke - ks) + extra keys and n_q = (e - s) + (ke - e) + extra rows,
+    #    row r sits at r + n_k - n_q = prefix + (s - ks) + r. Position differences between a
+    #    query and its band keys are then exact, so dilation and causality are untouched.
+    n_pad = (ke - e) + len(extra)
+    q_pad = torch.cat([q, q.new_zeros(batch, heads, n_pad, q.shape[3])], dim=2) if n_pad else q
+    gmask = None
+    if gpos:
+        key_pos = list(range(prefix_len)) + list(range(ks, ke)) + extra
+        gset = set(gpos)
+        gmask = torch.tensor([p in gset for p in key_pos], dtype=torch.bool, device=q.device)
+    # Sinks: when prefix_len < n_sinks the band starts at 0 (ks <= sinks), so indices are true
+    # positions; otherwise the prefix holds exactly the S sinks at indices 0..S-1. Either way
+    # the public "first S keys" rule is the right one.
+    out = sliding_window_attention(
+        q_pad, k_loc, v_loc, (left, right), dilation=dilation, global_tokens=gmask,
+        sinks=n_sinks, scale=scale, backend=backend,
+    )[:, :, : e - s]
+
+    # 4. Global queries see every key: merge per-rank partial softmaxes with log-sum-exp weights.
+    if gpos:
+        q_glob = _gather_positions(q, gpos, layout, rank, group)  # (B, H, G, D)
+        k_own, v_own = expand_kv(k, heads).float(), expand_kv(v, heads).float()  # (B, H, n_r, D)
+        scores = torch.matmul(q_glob.float(), k_own.transpose(-2, -1)) * scale  # (B, H, G, n_r)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, G, 1)
+        partial = torch.matmul(torch.exp(scores - lse), v_own)  # (B, H, G, D_v)
+        stacked = _AllGather.apply(torch.cat([partial, lse], dim=-1), group)  # (P, B, H, G, D_v + 1)
+        lses = stacked[..., -1:]
+        weights = torch.softmax(lses, dim=0)  # exp(lse_p) / sum_p exp(lse_p)
+        merged = (weights * stacked[..., :-1]).sum(0).to(out.dtype)  # (B, H, G, D_v)
+        own = [i for i, p in enumerate(gpos) if s <= p < e]
+        sel = torch.tensor(own, dtype=torch.long, device=q.device)
+        rows = torch.tensor([gpos[i] - s for i in own], dtype=torch.long, device=q.device)
+        out = out.index_copy(2, rows, merged.index_select(2, sel))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers for moving whole sequences in and out of the sharded form (tests, demos).
+# ---------------------------------------------------------------------------------------
+
+
+def shard_sequence(x: torch.Tensor, rank: int, sizes: Sequence[int], dim: int = 2) -> torch.Tensor:
+    """Rank ``rank``'s contiguous slice of the full tensor ``x`` along ``dim``."""
+    layout = ShardLayout(tuple(sizes))
+    if x.shape[dim] != layout.n:
+        raise ValueError(f"x has {x.shape[dim]} positions along dim {dim} but shard sizes sum to {layout.n}")
+    s, e = layout.bounds(rank)
+    return x.narrow(dim, s, e - s)
+
+
+def gather_sequence(x: torch.Tensor, sizes: Sequence[int], group=None, dim: int = 2) -> torch.Tensor:
+    """Reassemble the full tensor from every rank's shard (no autograd)."""
+    layout = ShardLayout(tuple(sizes))
+    width = max(layout.sizes)
+    x = x.detach().movedim(dim, 0).contiguous()
+    if x.shape[0] < width:
+        x = torch.cat([x, x.new_zeros(width - x.shape[0], *x.shape[1:])])
+    out = [torch.empty_like(x) for _ in range(layout.world_size)]
+    dist.all_gather(out, x, group=group)
+    full = torch.cat([t[:size] for t, size in zip(out, layout.sizes)])
+    return full.movedim(0, dim)
+
+
+# ---------------------------------------------------------------------------------------
+# A self-check to launch with torchrun (the book runs it with two CPU processes):
+#   torchrun --nproc_per_node=2 -m swa_lib.distributed --length 4096 --window 256 0
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    """Self-check under torchrun: sharded output and gradients against one device (rank 0 prints)."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(description="compare sequence_parallel_attention with one device")
+    parser.add_argument("--length", type=int, default=1000, help="total sequence length N")
+    parser.add_argument("--window", type=int, nargs=2, default=(64, 0), metavar=("LEFT", "RIGHT"))
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--global-tokens", type=int, nargs="*", default=[], help="positions in the full sequence")
+    parser.add_argument("--sinks", type=int, default=0)
+    parser.add_argument("--uneven", action="store_true", help="give rank r a share proportional to r + 1")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.uneven:
+        weights = [r + 1 for r in range(world)]
+        sizes = [args.length * w // sum(weights) for w in weights]
+        sizes[-1] += args.length - sum(sizes)
+    else:
+        sizes = [e - s for s, e in shard_bounds(args.length, world)]
+    gen = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+    full = [torch.randn(1, args.heads, args.length, args.dim, generator=gen, dtype=torch.float64).float().to(device)
+            for _ in range(4)]
+    q, k, v, grad_out = full
+    opts = {"sinks": args.sinks}
+    if args.global_tokens:
+        opts["global_tokens"] = torch.tensor(args.global_tokens)
+    window = tuple(args.window)
+
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = sliding_window_attention(*ref_in, window, **opts)  # one device: the whole sequence
+    ref.backward(grad_out)
+
+    local = [shard_sequence(t, rank, sizes).clone().requires_grad_() for t in (q, k, v)]
+    out = sequence_parallel_attention(*local, window, shard_sizes=sizes, **opts)
+    out.backward(shard_sequence(grad_out, rank, sizes))
+
+    errs = [(out - shard_sequence(ref, rank, sizes)).abs().max()]
+    errs += [(a.grad - shard_sequence(b.grad, rank, sizes)).abs().max() for a, b in zip(local, ref_in)]
+    errs = torch.stack(errs).detach()
+    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+    layout = ShardLayout(tuple(sizes))
+    if rank == 0:
+        print(f"{world} ranks ({dist.get_backend()}), N = {args.length}, window = {window}, shard sizes = {sizes}")
+        print(f"halo tokens sent per rank: {halo_tokens_sent(layout, window)}")
+        for name, err in zip(("output", "grad q", "grad k", "grad v"), errs.tolist()):
+            print(f"  {name:<7} max |sharded - one device| < 1e-5: {err < 1e-5}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

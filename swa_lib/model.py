@@ -1,0 +1,396 @@
+"""A tiny decoder-only language model whose attention is :func:`swa_lib.sliding_window_attention`.
+
+Byte-level (256 byte tokens plus a BOS token), pre-norm, RoPE, grouped-query attention, and a
+window per layer (``None`` = full causal attention). It is small enough to train on a laptop CPU in
+a minute on text that ships with Python (see :func:`stdlib_text`), and exists to make the KV-cache
+and attention-sink chapters concrete, not to be a good language model.
+
+Three ways to run it, which must agree (tests/test_model.py):
+
+* ``model(tokens)``: one forward pass over the whole sequence with the band mask;
+* ``model.prefill`` + ``model.step`` with :class:`~swa_lib.kv_cache.RollingKVCache` per layer;
+* the same with :class:`~swa_lib.kv_cache.SinkKVCache` (which changes the computation on
+  purpose once the stream is longer than the cache).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import sliding_window_attention
+from .kv_cache import FullKVCache, RollingKVCache, SinkKVCache
+from .masks import UNBOUNDED
+from .rope import apply_rope
+
+__all__ = [
+    "BOS",
+    "VOCAB_SIZE",
+    "encode",
+    "decode",
+    "ModelConfig",
+    "TinyLM",
+    "TrainConfig",
+    "train",
+    "stdlib_text",
+    "make_batches",
+]
+
+#: Token ids 0..255 are bytes; 256 marks the beginning of a sequence.
+BOS = 256
+VOCAB_SIZE = 257
+
+
+def encode(text: str, *, bos: bool = True) -> torch.Tensor:
+    """UTF-8 bytes of ``text`` as token ids (int64), preceded by BOS unless ``bos=False``."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    ids = list(text.encode("utf-8"))
+    return torch.tensor(([BOS] if bos else []) + ids, dtype=torch.long)
+
+
+def decode(tokens) -> str:
+    """Token ids back to text (BOS dropped, invalid UTF-8 replaced)."""
+    ids = [int(t) for t in torch.as_tensor(tokens).flatten()]
+    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a :class:`TinyLM`.
+
+    ``windows`` gives each layer's causal window as ``left`` (the query sees itself and ``left``
+    keys before it, window ``(left, 0)``), or ``None`` for full causal attention; its length is
+    the number of layers.
+    """
+
+    dim: int = 64
+    heads: int = 4
+    heads_kv: int = 4
+    windows: tuple = (None, None, None, None)
+    mlp_ratio: int = 4
+    rope_base: float = 10000.0
+    vocab_size: int = VOCAB_SIZE
+
+    def __post_init__(self):
+        self.windows = tuple(self.windows)
+        if not self.windows:
+            raise ValueError("windows must name at least one layer")
+        for w in self.windows:
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+                raise ValueError(f"each window must be None or an int >= 0, got {w!r}")
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ValueError(f"dim ({self.dim}) must split into {self.heads} heads of even size")
+        if self.heads % self.heads_kv:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of heads_kv ({self.heads_kv})")
+
+    @property
+    def layers(self) -> int:
+        return len(self.windows)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+class Attention(nn.Module):
+    """Causal (windowed) multi-head attention with RoPE and grouped-query heads."""
+
+    def __init__(self, cfg: ModelConfig, window: Optional[int]):
+        super().__init__()
+        self.cfg, self.window = cfg, window
+        hd = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.heads * hd, bias=False)
+        self.wkv = nn.Linear(cfg.dim, 2 * cfg.heads_kv * hd, bias=False)
+        self.wo = nn.Linear(cfg.heads * hd, cfg.dim, bias=False)
+
+    @property
+    def pattern_window(self) -> tuple[int, int]:
+        return (UNBOUNDED if self.window is None else self.window, 0)
+
+    def project(self, x: torch.Tensor):
+        """``x`` (B, N, dim) -> q (B, H, N, D), k and v (B, H_kv, N, D), before RoPE."""
+        b, n, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.wq(x).view(b, n, self.cfg.heads, hd).transpose(1, 2)  # (B, H, N, D)
+        k, v = self.wkv(x).view(b, n, 2, self.cfg.heads_kv, hd).permute(2, 0, 3, 1, 4)  # 2 x (B, H_kv, N, D)
+        return q, k, v
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = out.shape
+        return self.wo(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, dim)
+
+    def forward(self, x, positions, *, backend="sdpa", cache=None, capture=None):
+        q, k, v = self.project(x)
+        base = self.cfg.rope_base
+        if isinstance(cache, SinkKVCache):
+            k_ctx, v_ctx, key_pos, query_pos = cache.update(k, v)  # keys before RoPE
+            q, k_ctx = apply_rope(q, query_pos, base), apply_rope(k_ctx, key_pos, base)
+            window = (k_ctx.shape[2], 0)  # the cache is the window: see everything in it
+        else:
+            q, k = apply_rope(q, positions, base), apply_rope(k, positions, base)
+            k_ctx, v_ctx = (k, v) if cache is None else cache.update(k, v)
+            window = self.pattern_window
+            if isinstance(cache, RollingKVCache) and cache.attention_window != window:
+                raise ValueError(f"layer window {window} but the cache serves {cache.attention_window}")
+        if capture is not None:
+            capture.append((q.detach(), k_ctx.detach()))
+        out = sliding_window_attention(q, k_ctx, v_ctx, window, backend=backend)  # (B, H, N, D)
+        return self.merge(out)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: Optional[int]):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
+        self.attn = Attention(cfg, window)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, bias=False),
+            nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, bias=False),
+        )
+
+    def forward(self, x, positions, **kw):
+        x = x + self.attn(self.norm1(x), positions, **kw)
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyLM(nn.Module):
+    """Decoder-only byte-level LM. ``model(tokens)`` maps (B, N) ids to (B, N, vocab) logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, w) for w in cfg.windows)
+        self.norm = nn.RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long:
+            raise TypeError(f"tokens must be an int64 tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, N), got {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got {int(tokens.min())}..{int(tokens.max())}")
+        return tokens
+
+    def forward(self, tokens, *, start: int = 0, caches=None, backend: str = "sdpa", capture=None):
+        """Logits ``(B, N, vocab)`` for tokens at positions ``start .. start + N - 1``.
+
+        Without ``caches`` this is the full forward pass (each layer's band mask). With
+        ``caches`` (one per layer, from :meth:`new_caches`), the tokens continue the cached
+        sequence and ``start`` must equal the caches' ``seen``. ``capture``, a list, receives
+        each layer's rotated ``(q, k)`` for attention pictures. ``backend`` is passed to
+        :func:`~swa_lib.sliding_window_attention`; the default ``"sdpa"`` suits the short
+        sequences this model sees (``"auto"`` may pick a banded backend that is slower when a
+        layer's window is unbounded).
+        """
+        tokens = self._check_tokens(tokens)
+        if caches is not None:
+            if len(caches) != self.cfg.layers:
+                raise ValueError(f"need one cache per layer ({self.cfg.layers}), got {len(caches)}")
+            if caches[0].seen != start:
+                raise ValueError(f"start={start} but the caches have seen {caches[0].seen} tokens")
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens)  # (B, N, dim)
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, backend=backend, cache=None if caches is None else caches[i], capture=capture)
+        return self.head(self.norm(x))  # (B, N, vocab)
+
+    # -- decoding -------------------------------------------------------------------------
+    def new_caches(self, batch: int, kind: str = "rolling", *, sinks: int = 4, window: Optional[int] = None,
+                   positions: str = "cache", max_chunk: Optional[int] = None):
+        """One cache per layer.
+
+        ``kind="rolling"``: a :class:`RollingKVCache` of ``left + 1`` slots for each windowed
+        layer (a :class:`FullKVCache` for a full-attention layer); ``"full"``: growing caches
+        everywhere; ``"sink"``: a :class:`SinkKVCache` of ``window`` tokens with ``sinks``
+        sinks in every layer (StreamingLLM applies it to a model trained with full attention).
+        """
+        p = next(self.parameters())
+        cfg, kw = self.cfg, dict(dtype=p.dtype, device=p.device)
+        if kind == "rolling":
+            return [
+                FullKVCache(batch, cfg.heads_kv, cfg.head_dim, **kw) if w is None
+                else RollingKVCache(batch, cfg.heads_kv, w + 1, cfg.head_dim, max_chunk=max_chunk, **kw)
+                for w in cfg.windows
+            ]
+        if kind == "full":
+            return [FullKVCache(batch, cfg.heads_kv, cfg.head_dim, **kw) for _ in cfg.windows]
+        if kind == "sink":
+            if window is None:
+                raise ValueError("a sink cache needs window= (total cached tokens)")
+            return [SinkKVCache(batch, cfg.heads_kv, window, cfg.head_dim, sinks=sinks, positions=positions, **kw)
+                    for _ in cfg.windows]
+        raise ValueError(f"kind must be 'rolling', 'full' or 'sink', got {kind!r}")
+
+    @torch.no_grad()
+    def prefill(self, tokens, caches, *, chunk_size: Optional[int] = None, backend: str = "sdpa"):
+        """Feed a prompt ``(B, N)`` into fresh or partly filled caches, ``chunk_size`` tokens at a time.
+
+        Returns the logits of all prompt tokens ``(B, N, vocab)``. ``chunk_size=None`` sends the
+        prompt at once (a rolling cache refuses more than its ``max_chunk`` tokens per update).
+        """
+        tokens = self._check_tokens(tokens)
+        n = tokens.shape[1]
+        size = n if chunk_size is None else chunk_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        out, start = [], caches[0].seen
+        for i in range(0, n, size):
+            out.append(self(tokens[:, i:i + size], start=start + i, caches=caches, backend=backend))
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 100, *, cache: str = "rolling", sinks: int = 4,
+                 window: Optional[int] = None, chunk_size: Optional[int] = None, temperature: float = 0.0,
+                 seed: int = 0, backend: str = "sdpa") -> str:
+        """Continue ``prompt`` (BOS is prepended) by ``max_new_tokens`` bytes, one token per step.
+
+        ``temperature=0`` is greedy; otherwise sampling with a seeded generator. The prompt goes
+        through :meth:`prefill` in chunks of ``chunk_size`` tokens (default for rolling caches: the
+        smallest window's ``W``; a sink cache takes one token at a time), then each new token
+        through the caches. ``cache``, ``sinks``, ``window``: as in :meth:`new_caches`.
+        """
+        tokens = encode(prompt)[None].to(next(self.parameters()).device)  # (1, N)
+        windows = [w + 1 for w in self.cfg.windows if w is not None]
+        if chunk_size is None and cache == "rolling" and windows:
+            chunk_size = min(windows)  # what the smallest rolling cache takes per update
+        caches = self.new_caches(1, cache, sinks=sinks, window=window, max_chunk=chunk_size)
+        if cache == "sink":  # a full sink cache takes one token per step
+            logits = self.prefill(tokens, caches, chunk_size=1, backend=backend)[:, -1]
+        else:
+            logits = self.prefill(tokens, caches, chunk_size=chunk_size, backend=backend)[:, -1]
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits[0, :256].float() / temperature, dim=-1).cpu()
+                nxt = int(torch.multinomial(probs, 1, generator=gen))
+            else:
+                nxt = int(logits[0, :256].argmax())
+            out.append(nxt)
+            step = torch.tensor([[nxt]], device=tokens.device)
+            logits = self(step, start=caches[0].seen, caches=caches, backend=backend)[:, -1]
+        return decode(out)
+
+
+# -- data and training -------------------------------------------------------------------
+
+#: Standard-library modules used as training text (present in every CPython 3.8+).
+TRAIN_FILES = ("argparse.py", "textwrap.py", "string.py", "shlex.py", "fractions.py", "calendar.py",
+               "csv.py", "difflib.py", "heapq.py", "bisect.py", "queue.py", "sched.py")
+#: Held-out text for evaluation.
+HELDOUT_FILES = ("pprint.py", "base64.py")
+
+
+def stdlib_text(files: Sequence[str] = TRAIN_FILES) -> str:
+    """Concatenate standard-library sources that ship with this Python (nothing is downloaded).
+
+    The exact bytes depend on the Python version; the file list is fixed.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts = []
+    for name in files:
+        path = root / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found in this Python's standard library ({sys.version.split()[0]})")
+        parts.append(path.read_text(encoding="utf-8"))
+    return "\n".join(parts)
+
+
+def make_batches(data: torch.Tensor, batch: int, context: int, generator: torch.Generator) -> torch.Tensor:
+    """Random training windows ``(batch, context + 1)``: BOS, then ``context`` bytes of ``data``.
+
+    Every sequence starts with BOS (the token the model can learn to use as an attention sink).
+    The model sees ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``.
+    """
+    starts = torch.randint(0, data.numel() - context, (batch,), generator=generator)
+    idx = starts[:, None] + torch.arange(context)  # (batch, context)
+    bos = torch.full((batch, 1), BOS, dtype=torch.long)
+    return torch.cat([bos, data[idx]], dim=1)  # (batch, context + 1)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for :func:`train` (AdamW, cosine decay, gradient clipping)."""
+
+    steps: int = 1500
+    batch: int = 32
+    context: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.5
+    betas: tuple = (0.9, 0.95)
+    clip: float = 1.0
+    warmup: int = 50
+    seed: int = 0
+    log_every: int = 50
+    progress: bool = True
+
+
+def train(model: TinyLM, text: str, cfg: TrainConfig = TrainConfig(), *, backend: str = "sdpa") -> list:
+    """Train ``model`` on random BOS-prefixed windows of ``text``; returns ``[(step, loss), ...]``.
+
+    Loss is the mean cross-entropy in nats per byte, logged every ``cfg.log_every`` steps
+    (averaged over those steps). Deterministic for a given seed on a given machine.
+    """
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = encode(text, bos=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    def lr_at(step):
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    bar = None
+    if cfg.progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, desc="training", mininterval=1.0)
+        except ImportError:  # pragma: no cover
+            bar = None
+    history, running = [], 0.0
+    model.train()
+    for step in range(cfg.steps):
+        batch = make_batches(data, cfg.batch, cfg.context, gen)  # (B, context + 1)
+        logits = model(batch[:, :-1], backend=backend)  # (B, context, vocab)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        sched.step()
+        running += loss.item()
+        if (step + 1) % cfg.log_every == 0:
+            history.append((step + 1, running / cfg.log_every))
+            running = 0.0
+            if bar is not None:
+                bar.set_postfix(loss=f"{history[-1][1]:.3f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return history

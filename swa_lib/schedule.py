@@ -1,0 +1,202 @@
+"""Per-layer window schedules (Longformer style) and their exact receptive fields.
+
+Longformer :cite:`beltagy2020longformer` does not give every layer the same window: lower
+layers get small windows (they model local context), upper layers wider ones, and in the upper
+layers a few heads are *dilated* so they reach further for the same number of keys.
+:class:`WindowSchedule` describes such a stack as a typed config and expands it into the
+:class:`swa_lib.receptive_field.LayerWindow` list that :func:`~swa_lib.receptive_field.measure_influence`
+and :class:`~swa_lib.receptive_field.AttentionStack` take.
+
+Semantics are swa_lib's (:mod:`swa_lib.masks`): a layer's window ``(left, right)`` is a *span*
+shared by all heads, and dilation ``d`` keeps the keys with ``(i - j) % d == 0`` inside it. A
+head with dilation ``d`` therefore reads about ``(left + right) / d + 1`` keys and reaches as far
+as an undilated head with the same span: dilation buys reach per key, i.e. for the same cost a
+span ``d`` times wider.
+
+:func:`receptive_field_support` computes, without building any ``N x N`` matrix, the exact set of input
+positions an output position can depend on: going down the stack, the set grows by the union (over
+heads) of the offsets ``i - j`` a layer allows, plus the residual path, clipped to the sequence,
+and global tokens connect everything they touch. With dilation the set can have holes (a stack of
+only dilation-2 layers never reads odd offsets), so the *support* matters, not only its extent.
+It agrees exactly with the non-zero gradients that ``measure_influence`` measures (the tests check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .receptive_field import LayerWindow, _as_layers
+
+__all__ = ["WindowSchedule", "layer_offsets", "receptive_field_support", "schedule_reach", "keys_per_query", "plot_reach_growth"]
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class WindowSchedule:
+    """A Longformer-style stack: windows grow with depth, upper layers dilate some heads.
+
+    Attributes:
+        num_layers: layers in the stack.
+        num_heads: heads per layer.
+        first_window: one-sided span of the lowest layer.
+        last_window: one-sided span of the top layer; spans grow linearly (rounded) in between.
+        dilated_layers: how many of the top layers use dilation (0: none).
+        dilated_heads: in those layers, how many heads (the last ones) are dilated.
+        max_dilation: the dilation of those heads in the top layer; it grows linearly from 2 in
+            the first dilated layer (Longformer: "a small amount of increasing dilation").
+        causal: ``(w, 0)`` windows instead of ``(w, w)``.
+
+    >>> s = WindowSchedule(num_layers=4, num_heads=2, first_window=2, last_window=8,
+    ...                    dilated_layers=2, dilated_heads=1, max_dilation=3)
+    >>> [(l.window, l.dilation) for l in s.layers()]
+    [((2, 2), (1, 1)), ((4, 4), (1, 1)), ((6, 6), (1, 2)), ((8, 8), (1, 3))]
+    """
+
+    num_layers: int
+    num_heads: int
+    first_window: int
+    last_window: int
+    dilated_layers: int = 0
+    dilated_heads: int = 0
+    max_dilation: int = 2
+    causal: bool = False
+
+    def __post_init__(self):
+        _positive_int("num_layers", self.num_layers)
+        _positive_int("num_heads", self.num_heads)
+        _positive_int("first_window", self.first_window, 0)
+        _positive_int("last_window", self.last_window, 0)
+        _positive_int("dilated_layers", self.dilated_layers, 0)
+        _positive_int("dilated_heads", self.dilated_heads, 0)
+        _positive_int("max_dilation", self.max_dilation, 1)
+        if self.dilated_layers > self.num_layers:
+            raise ValueError(f"dilated_layers ({self.dilated_layers}) exceeds num_layers ({self.num_layers})")
+        if self.dilated_heads > self.num_heads:
+            raise ValueError(f"dilated_heads ({self.dilated_heads}) exceeds num_heads ({self.num_heads})")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal must be a bool, got {self.causal!r}")
+
+    def windows(self) -> list[tuple[int, int]]:
+        """The ``(left, right)`` span of each layer, bottom first."""
+        spans = np.rint(np.linspace(self.first_window, self.last_window, self.num_layers)).astype(int)
+        return [(int(w), 0 if self.causal else int(w)) for w in spans]
+
+    def dilations(self) -> list[tuple[int, ...]]:
+        """Per layer, one dilation per head."""
+        out = []
+        first = self.num_layers - self.dilated_layers
+        k = max(self.dilated_layers, 1)
+        grow = np.rint(np.linspace(min(2, self.max_dilation), self.max_dilation, k)) if k > 1 else [self.max_dilation]
+        for layer in range(self.num_layers):
+            d = 1 if layer < first or self.dilated_heads == 0 else int(grow[layer - first])
+            out.append((1,) * (self.num_heads - self.dilated_heads) + (d,) * self.dilated_heads if d > 1
+                       else (1,) * self.num_heads)
+        return out
+
+    def layers(self) -> list[LayerWindow]:
+        """The stack as :class:`LayerWindow` objects (for ``measure_influence`` and ``AttentionStack``)."""
+        return [LayerWindow(w, dilation=d) for w, d in zip(self.windows(), self.dilations())]
+
+
+def layer_offsets(layer: LayerWindow, num_heads: Optional[int] = None) -> np.ndarray:
+    """Sorted offsets ``o = i - j`` one layer lets a query read, over all heads (0 always included)."""
+    left, right = layer.window
+    dil = (layer.dilation,) if isinstance(layer.dilation, int) else tuple(layer.dilation)
+    if num_heads is not None and len(dil) not in (1, num_heads):
+        raise ValueError(f"layer has {len(dil)} dilations but num_heads={num_heads}")
+    offsets = set()
+    for d in dil:
+        offsets.update(range(-(right // d) * d, left + 1, d))
+    return np.array(sorted(offsets), dtype=np.int64)
+
+
+def receptive_field_support(layers, n: int, position: int = -1, *, num_layers: Optional[int] = None) -> np.ndarray:
+    """Exact receptive field of one output position, per depth, as a boolean ``(L, n)`` array.
+
+    Row ``l`` marks the input positions that output ``position`` can depend on after the first
+    ``l + 1`` layers of ``layers`` (a :class:`WindowSchedule`, a list of :class:`LayerWindow`, or
+    a window repeated ``num_layers`` times). Each layer is a residual attention layer, as in
+    :class:`swa_lib.receptive_field.AttentionStack`, so the row equals the non-zero pattern of
+    :func:`swa_lib.receptive_field.measure_influence`. Cost O(L^2 * n * offsets).
+    """
+    n = _positive_int("n", n)
+    if isinstance(position, bool) or not isinstance(position, int) or not -n <= position < n:
+        raise ValueError(f"position must be an int in [-{n}, {n}), got {position!r}")
+    stack = layers.layers() if isinstance(layers, WindowSchedule) else _as_layers(layers, num_layers)
+    pos = position % n
+    rows = []
+    for depth in range(1, len(stack) + 1):
+        seen = np.zeros(n, dtype=bool)  # positions whose value at the current level matters
+        seen[pos] = True
+        for layer in reversed(stack[:depth]):  # walk down from the top layer
+            below = seen.copy()  # the residual path: position i reads itself
+            for o in layer_offsets(layer):  # query i reads key j = i - o
+                if o > 0:
+                    below[: n - o] |= seen[o:]
+                elif o < 0:
+                    below[-o:] |= seen[: n + o]
+            if layer.global_tokens:
+                g = np.zeros(n, dtype=bool)
+                g[[t % n for t in layer.global_tokens]] = True
+                if seen.any():
+                    below |= g  # every query reads every global token
+                if (seen & g).any():
+                    below[:] = True  # a global query reads every token
+            seen = below
+        rows.append(seen)
+    return np.stack(rows)
+
+
+def schedule_reach(layers, num_layers: Optional[int] = None) -> tuple[int, int]:
+    """``(left, right)`` extent of the receptive field on an unbounded sequence (no globals).
+
+    The sum over layers of the furthest offset each layer allows. Unlike
+    :func:`swa_lib.receptive_field.theoretical_reach`, a dilated layer's reach is its span (the
+    furthest visible key), not span times dilation.
+    """
+    stack = layers.layers() if isinstance(layers, WindowSchedule) else _as_layers(layers, num_layers)
+    left = right = 0
+    for layer in stack:
+        off = layer_offsets(layer)
+        left += int(off.max())
+        right += int(-off.min())
+    return left, right
+
+
+def keys_per_query(layer: LayerWindow, num_heads: int = 1) -> float:
+    """Average over heads of the keys one query reads in the middle of a long sequence (the cost)."""
+    left, right = layer.window
+    dil = [layer.dilation] * num_heads if isinstance(layer.dilation, int) else list(layer.dilation)
+    return float(np.mean([left // d + right // d + 1 for d in dil]))
+
+
+def plot_reach_growth(curves: dict, measured: Optional[dict] = None, *, ax=None, ylabel: str = "receptive field (tokens)"):
+    """Receptive field size against depth: ``curves`` (label -> sizes per layer) as lines,
+    ``measured`` (same labels) as markers on top. Returns the matplotlib Figure."""
+    from .plotting import PALETTE, new_figure
+
+    if ax is None:
+        fig, ax = new_figure(width=6, height=4)
+    else:
+        fig = ax.figure
+    for color, (label, sizes) in zip(PALETTE, curves.items()):
+        depth = np.arange(1, len(sizes) + 1)
+        ax.plot(depth, sizes, "-", color=color, label=f"{label} (analytic)")
+        if measured and label in measured:
+            m = measured[label]
+            ax.plot(np.arange(1, len(m) + 1), m, "o", color=color, label=f"{label} (measured)")
+    ax.set_xlabel("number of layers L")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=True, facecolor="white")
+    return fig

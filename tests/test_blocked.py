@@ -1,0 +1,137 @@
+"""The "blocked" backend (query blocks x one key band each) equals the oracles, forward and gradients."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import swa_lib
+from swa_lib.blocked import band_attention
+from swa_lib.dense import expand_kv
+from conftest import make_qkv
+
+BACKEND = "blocked"
+SIZES = [1, 7, 97, 113]
+
+
+def windows_for(n):
+    # the foundation's awkward windows, plus windows larger than n and not multiples of a block
+    return [(0, 0), (1, 0), (3, 2), (n, n), (n, 0), (0, n + 5), (70, 1)]
+
+
+def dense_lse(q, k, window, scale):
+    """Log-sum-exp of each row over its visible keys, the dense way (the oracle for lse)."""
+    mask = swa_lib.AttentionPattern(*window).mask(q.shape[2], k.shape[2])
+    s = q @ expand_kv(k, q.shape[1]).transpose(-1, -2) * scale
+    return torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_forward_equals_dense(n):
+    q, k, v = make_qkv(2, 3, n, 16, seed=n)
+    for window in windows_for(n):
+        out = swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)
+        ref = swa_lib.sliding_window_attention(q, k, v, window, backend="dense")
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [7, 23])
+def test_forward_equals_loop_oracle(n):
+    q, k, v = make_qkv(1, 2, n, 4, seed=n)
+    for window in windows_for(n):
+        out = swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)
+        ref = swa_lib.sliding_window_attention(q, k, v, window, backend="loop")
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 4, 16, 64])
+@pytest.mark.parametrize("n", [97, 113])
+def test_block_sizes_and_lse(block, n):
+    """Any block size (n not a multiple of it, bands longer than n) gives the same out and lse."""
+    q, k, v = make_qkv(1, 2, n, 8, seed=block)
+    for window in [(5, 3), (0, 17), (40, 0), (2 * n, 2 * n)]:
+        out, lse = band_attention(q, k, v, *window, 0.3, block_size=block)
+        ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(*window), 0.3)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse, dense_lse(q, k, window, 0.3), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (1, 0), (3, 2), (9, 9), (40, 40)])
+def test_gradients_equal_dense(window):
+    """Gradients of out and of lse (the custom backward) equal autograd through dense attention."""
+    q, k, v = make_qkv(2, 4, 37, 5, h_kv=2, d_v=3, seed=3, requires_grad=True)
+    out, lse = band_attention(q, k, v, *window, 0.4, block_size=8)
+    ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(*window), 0.4)
+    ref_lse = dense_lse(q, k, window, 0.4)
+    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * g_out).sum() + (ref_lse * g_lse).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (2, 1), (6, 6)])
+def test_gradcheck(window):
+    q, k, v = make_qkv(1, 2, 9, 3, h_kv=1, requires_grad=True, seed=1)
+    fn = lambda q, k, v: band_attention(q, k, v, *window, 0.5, block_size=4)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_fewer_queries_than_keys_and_gqa():
+    q, k, v = make_qkv(2, 6, 50, 8, h_kv=3, n_q=13, seed=5, requires_grad=True)
+    for window in [(4, 0), (4, 4), (60, 2)]:
+        out = swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)
+        ref = swa_lib.sliding_window_attention(q, k, v, window, backend="dense")
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad((out * g).sum(), (q, k, v))
+        want = torch.autograd.grad((ref * g).sum(), (q, k, v))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(1, 97, 3, 16, dtype=torch.float64)  # (B, N, H, D) layout, transposed below
+    q, k = base.transpose(1, 2), (2 * base).transpose(1, 2)
+    v = torch.randn(1, 3, 97, 32, dtype=torch.float64)[..., ::2]  # strided last dim
+    assert not (q.is_contiguous() or v.is_contiguous())
+    out = swa_lib.sliding_window_attention(q, k, v, (5, 7), backend=BACKEND)
+    ref = swa_lib.sliding_window_attention(q.contiguous(), k.contiguous(), v.contiguous(), (5, 7), backend="dense")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_against_float64(dtype):
+    """fp32/bf16 (computed in fp32) stay within a small multiple of dense attention's own error."""
+    q, k, v = make_qkv(1, 2, 200, 32, seed=7)
+    ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(16, 16), 32**-0.5)
+    low = [t.to(dtype) for t in (q, k, v)]
+    out = swa_lib.sliding_window_attention(*low, (16, 16), backend=BACKEND)
+    dense = swa_lib.sliding_window_attention(*low, (16, 16), backend="dense")
+    assert out.dtype == dtype
+    err, err_dense = (out.double() - ref).abs().max(), (dense.double() - ref).abs().max()
+    assert err <= 2 * err_dense + 1e-6, (err, err_dense)
+
+
+def test_auto_prefers_blocked_on_cpu():
+    q, k, v = make_qkv(1, 1, 64, 4)
+    pattern = swa_lib.make_pattern((4, 4))
+    assert swa_lib.backends.choose_backend("auto", q, k, pattern).name == "blocked"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    n_q=st.integers(1, 60),
+    left=st.integers(0, 70),
+    right=st.integers(0, 70),
+    block=st.integers(1, 20),
+    heads_kv=st.sampled_from([1, 2]),
+)
+def test_property_equals_dense(n, n_q, left, right, block, heads_kv):
+    n_q = min(n_q, n)
+    q, k, v = make_qkv(1, 2, n, 3, h_kv=heads_kv, n_q=n_q, seed=n + 7 * left)
+    out, lse = band_attention(q, k, v, left, right, 0.7, block_size=block)
+    ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(left, right), 0.7)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, dense_lse(q, k, (left, right), 0.7), rtol=1e-12, atol=1e-12)

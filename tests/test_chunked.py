@@ -1,0 +1,155 @@
+"""The "chunked" backend (Longformer's sliding chunks + skew) equals the oracles; its pieces are checked one by one."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import swa_lib
+from swa_lib.chunked import (
+    band_from_chunks,
+    chunk,
+    chunked_band_attention,
+    chunks_from_band,
+    skew,
+    sliding_chunks_scores,
+    sliding_chunks_values,
+    unskew,
+)
+from swa_lib.dense import expand_kv
+from conftest import make_qkv
+
+BACKEND = "chunked"
+SIZES = [1, 7, 97, 113]
+
+
+def windows_for(n):
+    return [(0, 0), (1, 0), (3, 2), (n, n), (n, 0), (0, n + 5), (10, 1)]
+
+
+def dense_band(q, k, w):
+    """band[i, t] = q_i . k_{i-w+t} read off the dense S = Q K^T (0 outside the sequence)."""
+    s = q @ k.transpose(-1, -2)  # (BH, n, n)
+    n = q.shape[1]
+    band = torch.zeros(q.shape[0], n, 2 * w + 1, dtype=q.dtype)
+    for i in range(n):
+        for t in range(2 * w + 1):
+            j = i - w + t
+            if 0 <= j < n:
+                band[:, i, t] = s[:, i, j]
+    return band
+
+
+def test_chunks_are_a_strided_view():
+    x = torch.arange(8 * 2, dtype=torch.float64).reshape(1, 8, 2)
+    c = chunk(x, 2)
+    assert c.shape == (1, 3, 4, 2)
+    assert c.data_ptr() == x.data_ptr() and c.stride() == (16, 4, 2, 1)  # no copy
+    for ci in range(3):
+        torch.testing.assert_close(c[0, ci], x[0, 2 * ci : 2 * ci + 4])
+    with pytest.raises(ValueError, match="multiple of w"):
+        chunk(torch.zeros(1, 7, 2), 2)
+
+
+@pytest.mark.parametrize("w", [1, 2, 3, 5])
+def test_skew_moves_diagonals_to_columns_and_unskew_inverts_it(w):
+    a = torch.randn(2, 3, 2 * w, 2 * w, dtype=torch.float64)
+    s = skew(a, w)
+    assert s.shape == (2, 3, 2 * w, 2 * w + 1)
+    for x in range(2 * w):
+        for t in range(2 * w + 1):
+            y = x + t - w
+            want = a[..., x, y] if 0 <= y < 2 * w else torch.zeros(2, 3, dtype=torch.float64)
+            torch.testing.assert_close(s[..., x, t], want)
+    # unskew recovers every entry the band keeps (|x - y| <= w) and zeros the corners
+    x, y = torch.arange(2 * w)[:, None], torch.arange(2 * w)[None, :]
+    torch.testing.assert_close(unskew(s, w), a * ((x - y).abs() <= w))
+
+
+@pytest.mark.parametrize("n,w", [(8, 2), (12, 3), (10, 5), (6, 1), (16, 4)])
+def test_band_of_scores_equals_dense_band(n, w):
+    """The 8-token example of chapter 5 and friends: chunks + skew give exactly the band of Q K^T."""
+    gen = torch.Generator().manual_seed(n)
+    q, k = torch.randn(2, n, 3, generator=gen, dtype=torch.float64), torch.randn(2, n, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(sliding_chunks_scores(q, k, w), dense_band(q, k, w), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("n,w", [(8, 2), (12, 3), (16, 4)])
+def test_values_step_equals_dense_product(n, w):
+    gen = torch.Generator().manual_seed(n)
+    p = torch.randn(2, n, 2 * w + 1, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, n, 3, generator=gen, dtype=torch.float64)
+    dense = torch.zeros(2, n, n, dtype=torch.float64)
+    for i in range(n):
+        for t in range(2 * w + 1):
+            if 0 <= i - w + t < n:
+                dense[:, i, i - w + t] = p[:, i, t]
+    torch.testing.assert_close(sliding_chunks_values(p, v, w), dense @ v, rtol=1e-13, atol=1e-13)
+    # every band entry goes to exactly one chunk and comes back from it
+    torch.testing.assert_close(band_from_chunks(chunks_from_band(p, w), w), p)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_forward_equals_dense(n):
+    q, k, v = make_qkv(2, 3, n, 16, seed=n)
+    for window in windows_for(n):
+        out = swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)
+        ref = swa_lib.sliding_window_attention(q, k, v, window, backend="dense")
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [7, 23])
+def test_forward_equals_loop_oracle(n):
+    q, k, v = make_qkv(1, 2, n, 4, seed=n)
+    for window in windows_for(n):
+        out = swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)
+        ref = swa_lib.sliding_window_attention(q, k, v, window, backend="loop")
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (1, 0), (3, 2), (9, 9), (0, 6)])
+def test_gradients_equal_dense(window):
+    q, k, v = make_qkv(2, 4, 37, 5, h_kv=2, d_v=3, seed=3, requires_grad=True)
+    out, lse = chunked_band_attention(q, k, v, *window, 0.4)
+    ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(*window), 0.4)
+    mask = swa_lib.AttentionPattern(*window).mask(37)
+    ref_lse = torch.logsumexp((q @ expand_kv(k, 4).transpose(-1, -2) * 0.4).masked_fill(~mask, float("-inf")), -1)
+    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * g_out).sum() + (ref_lse * g_lse).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (2, 1), (4, 4)])
+def test_gradcheck(window):
+    q, k, v = make_qkv(1, 2, 9, 3, h_kv=1, requires_grad=True, seed=1)
+    fn = lambda q, k, v: swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_fewer_queries_than_keys_and_gqa():
+    q, k, v = make_qkv(2, 6, 50, 8, h_kv=3, n_q=13, seed=5)
+    for window in [(4, 0), (4, 4), (60, 2)]:
+        out = swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)
+        ref = swa_lib.sliding_window_attention(q, k, v, window, backend="dense")
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(1, 97, 3, 16, dtype=torch.float64)
+    q, k = base.transpose(1, 2), (2 * base).transpose(1, 2)
+    v = torch.randn(1, 3, 97, 32, dtype=torch.float64)[..., ::2]
+    out = swa_lib.sliding_window_attention(q, k, v, (5, 7), backend=BACKEND)
+    ref = swa_lib.sliding_window_attention(q.contiguous(), k.contiguous(), v.contiguous(), (5, 7), backend="dense")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 60), n_q=st.integers(1, 60), left=st.integers(0, 70), right=st.integers(0, 70))
+def test_property_equals_dense(n, n_q, left, right):
+    n_q = min(n_q, n)
+    q, k, v = make_qkv(1, 2, n, 3, n_q=n_q, seed=n + 7 * left)
+    out = swa_lib.sliding_window_attention(q, k, v, (left, right), backend=BACKEND)
+    ref = swa_lib.sliding_window_attention(q, k, v, (left, right), backend="dense")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,168 @@
+"""Dilation through every backend == the loop oracle; schedules and their exact receptive fields."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import swa_lib
+from swa_lib.backends import BACKENDS
+from swa_lib.receptive_field import LayerWindow, measure_influence
+from swa_lib.schedule import WindowSchedule, keys_per_query, layer_offsets, receptive_field_support, schedule_reach
+from conftest import make_qkv
+
+
+# -- dilation through the public API ---------------------------------------------------------
+
+
+def dilation_backends():
+    """Every registered CPU backend that runs here and claims dilation (the loop oracle aside)."""
+    return [
+        name for name in swa_lib.available_backends()
+        if name != "loop" and BACKENDS[name].dilation and "cpu" in BACKENDS[name].devices
+        and torch.float64 in BACKENDS[name].dtypes
+    ]
+
+
+@pytest.mark.parametrize("n", [1, 7, 16])
+@pytest.mark.parametrize("dilation", [1, 2, 3, 4, (1, 2, 3, 4), (4, 1, 1, 2)])
+@pytest.mark.parametrize("window", [(0, 0), (5, 0), (3, 4), (8, 8)])
+def test_dilation_loop_dense_auto_forward_and_grad(n, dilation, window):
+    results = {}
+    for backend in ("loop", *dilation_backends(), "auto"):
+        q, k, v = make_qkv(1, 4, n, 3, seed=n, requires_grad=True)
+        out = swa_lib.sliding_window_attention(q, k, v, window, dilation=dilation, backend=backend)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        results[backend] = (out.detach(), *torch.autograd.grad((out * weight).sum(), (q, k, v)))
+    for backend in (*dilation_backends(), "auto"):
+        for a, b in zip(results[backend], results["loop"]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_dilation_mask_per_head_matches_predicate():
+    pattern = swa_lib.AttentionPattern(4, 2, dilation=(1, 2, 3))
+    mask = pattern.mask(11, num_heads=3)[0]  # (H, n, n)
+    for h, d in enumerate((1, 2, 3)):
+        for i in range(11):
+            for j in range(11):
+                expected = -2 <= i - j <= 4 and (i - j) % d == 0
+                assert bool(mask[h, i, j]) == expected
+        # same reach (span), fewer keys: the middle row has left//d + right//d + 1 keys
+        assert int(mask[h, 5].sum()) == 4 // d + 2 // d + 1
+
+
+# -- the schedule config ---------------------------------------------------------------------
+
+
+def test_schedule_layers():
+    s = WindowSchedule(num_layers=6, num_heads=4, first_window=4, last_window=24,
+                       dilated_layers=3, dilated_heads=2, max_dilation=4)
+    assert s.windows() == [(4, 4), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24)]
+    assert s.dilations() == [(1, 1, 1, 1)] * 3 + [(1, 1, 2, 2), (1, 1, 3, 3), (1, 1, 4, 4)]
+    layers = s.layers()
+    assert [l.window for l in layers] == s.windows()
+    causal = WindowSchedule(3, 1, 2, 2, causal=True)
+    assert causal.windows() == [(2, 0)] * 3 and causal.dilations() == [(1,)] * 3
+    one = WindowSchedule(2, 2, 1, 3, dilated_layers=1, dilated_heads=1, max_dilation=3)
+    assert one.dilations() == [(1, 1), (1, 3)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_layers=0, num_heads=1, first_window=1, last_window=1), "num_layers must be >= 1, got 0"),
+        (dict(num_layers=2, num_heads=1, first_window=-1, last_window=1), "first_window must be >= 0, got -1"),
+        (dict(num_layers=2, num_heads=2, first_window=1, last_window=1, dilated_layers=3), r"dilated_layers \(3\)"),
+        (dict(num_layers=2, num_heads=2, first_window=1, last_window=1, dilated_heads=3), r"dilated_heads \(3\)"),
+        (dict(num_layers=2, num_heads=2, first_window=1, last_window=1, max_dilation=0), "max_dilation must be >= 1"),
+    ],
+)
+def test_schedule_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WindowSchedule(**kwargs)
+    with pytest.raises(TypeError, match="num_heads must be an int, got float 2.0"):
+        WindowSchedule(num_layers=2, num_heads=2.0, first_window=1, last_window=1)
+
+
+def test_layer_offsets_and_cost():
+    layer = LayerWindow((6, 3), dilation=(1, 3))
+    assert layer_offsets(layer).tolist() == [-3, -2, -1, 0, 1, 2, 3, 4, 5, 6]
+    assert layer_offsets(LayerWindow((6, 3), dilation=3)).tolist() == [-3, 0, 3, 6]
+    assert keys_per_query(LayerWindow((6, 3), dilation=3)) == 4
+    assert keys_per_query(layer, 2) == (10 + 4) / 2
+    # the cost equals the average row sum of the mask in the middle of a long sequence
+    pattern = swa_lib.AttentionPattern(6, 3, dilation=(1, 3))
+    assert pattern.mask(40, num_heads=2)[0, :, 20].sum(-1).float().mean() == keys_per_query(layer, 2)
+
+
+def test_schedule_reach():
+    assert schedule_reach([LayerWindow((4, 0), dilation=2)] * 3) == (12, 0)
+    assert schedule_reach((3, 2), 5) == (15, 10)
+    s = WindowSchedule(num_layers=3, num_heads=2, first_window=2, last_window=6, dilated_layers=1,
+                       dilated_heads=1, max_dilation=4)
+    assert schedule_reach(s) == (2 + 4 + 6, 2 + 4 + 6)  # the undilated head reaches the full span
+    s = WindowSchedule(num_layers=3, num_heads=2, first_window=2, last_window=6, dilated_layers=1,
+                       dilated_heads=2, max_dilation=4)
+    assert schedule_reach(s) == (2 + 4 + 4, 2 + 4 + 4)  # span 6 with dilation 4: furthest key 4
+
+
+# -- receptive fields: analytic == measured -------------------------------------------------
+
+
+STACKS = {
+    "plain": ([LayerWindow((2, 2))] * 3, 1),
+    "causal dilated": ([LayerWindow((4, 0), dilation=2)] * 3, 1),
+    "per-head dilation": ([LayerWindow((3, 1), dilation=(1, 3))] * 3, 2),
+    "global token": ([LayerWindow((1, 1)), LayerWindow((1, 1), global_tokens=(5,)), LayerWindow((2, 0), dilation=2)], 1),
+    "schedule": (WindowSchedule(4, 2, 1, 4, dilated_layers=2, dilated_heads=1, max_dilation=3), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+@pytest.mark.parametrize("position", [0, 17, -1])
+def test_receptive_field_equals_measured_support(name, position):
+    layers, heads = STACKS[name]
+    n = 41
+    analytic = receptive_field_support(layers, n, position)
+    spec = layers.layers() if isinstance(layers, WindowSchedule) else layers
+    measured = measure_influence(spec, n, position=position, heads=heads, d_model=4 * heads, backend="dense")
+    assert analytic.shape == measured.shape
+    np.testing.assert_array_equal(analytic, measured > 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    left=st.integers(0, 5), right=st.integers(0, 5), d1=st.integers(1, 4), d2=st.integers(1, 4),
+    layers=st.integers(1, 3), n=st.integers(1, 30), data=st.data(),
+)
+def test_receptive_field_property(left, right, d1, d2, layers, n, data):
+    position = data.draw(st.integers(0, n - 1))
+    stack = [LayerWindow((left, right), dilation=(d1, d2))] * layers
+    analytic = receptive_field_support(stack, n, position)
+    measured = measure_influence(stack, n, position=position, heads=2, d_model=4, backend="dense")
+    np.testing.assert_array_equal(analytic, measured > 0)
+
+
+def test_receptive_field_extent_matches_reach_and_holes():
+    stack = [LayerWindow((4, 0), dilation=2)] * 3
+    rf = receptive_field_support(stack, 50, -1)[-1]
+    positions = np.flatnonzero(rf)
+    assert 49 - positions.min() == schedule_reach(stack)[0] == 12
+    assert set(49 - positions) == set(range(0, 13, 2))  # only even offsets: dilation leaves holes
+
+
+def test_receptive_field_errors():
+    with pytest.raises(ValueError, match="position must be an int in \\[-5, 5\\), got 5"):
+        receptive_field_support([LayerWindow((1, 1))], 5, 5)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        receptive_field_support([LayerWindow((1, 1))], 0)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import swa_lib.schedule
+
+    result = doctest.testmod(swa_lib.schedule)
+    assert result.attempted >= 1 and result.failed == 0

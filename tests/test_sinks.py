@@ -1,0 +1,130 @@
+"""The attention-sink demonstration: the one-pass streaming computation equals the real caches,
+and the shipped model shows what the chapter claims, with margins."""
+
+import math
+
+import pytest
+import torch
+
+from swa_lib.model import ModelConfig, TinyLM
+from swa_lib.sinks import (
+    DemoConfig,
+    attention_maps,
+    first_token_attention,
+    stream_with_caches,
+    streaming_forward,
+)
+
+
+def tiny(windows, heads_kv=2, seed=0):
+    torch.manual_seed(seed)
+    return TinyLM(ModelConfig(dim=32, heads=4, heads_kv=heads_kv, windows=windows)).eval()
+
+
+@pytest.mark.parametrize("sinks", [0, 1, 4])
+@pytest.mark.parametrize("positions", ["cache", "original"])
+def test_streaming_forward_equals_token_by_token_sink_cache(sinks, positions):
+    model = tiny((None, None, None))
+    tokens = torch.randint(0, 257, (2, 41), generator=torch.Generator().manual_seed(sinks))
+    w = 11
+    with torch.no_grad():
+        one_pass = streaming_forward(model, tokens, w, sinks=sinks, positions=positions)
+        cached = stream_with_caches(model, tokens, model.new_caches(2, "sink", sinks=sinks, window=w, positions=positions))
+    torch.testing.assert_close(one_pass, cached, rtol=0, atol=1e-5)
+
+
+def test_sink_policies_differ_once_the_cache_is_full():
+    model = tiny((None, None))
+    tokens = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        a = streaming_forward(model, tokens, 10, sinks=2, positions="cache")
+        b = streaming_forward(model, tokens, 10, sinks=2, positions="original")
+        c = streaming_forward(model, tokens, 10, sinks=0)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)  # filling: identical
+    torch.testing.assert_close(a[:, :10], c[:, :10], rtol=0, atol=1e-6)
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-4
+    assert (a[:, 10:] - c[:, 10:]).abs().max() > 1e-4
+
+
+def test_window_only_equals_rolling_buffer_model():
+    """0 sinks with cache positions == a band-masked model with original positions (RoPE is relative)."""
+    full = tiny((None, None), heads_kv=4)
+    banded = TinyLM(ModelConfig(dim=32, heads=4, heads_kv=4, windows=(8, 8))).eval()
+    banded.load_state_dict(full.state_dict())
+    tokens = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(streaming_forward(full, tokens, 9, sinks=0), banded(tokens), rtol=0, atol=1e-5)
+
+
+def test_attention_maps_are_causal_distributions():
+    model = tiny((None, None))
+    tokens = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(2))
+    maps = attention_maps(model, tokens)
+    assert len(maps) == 2 and maps[0].shape == (2, 4, 12, 12)
+    for a in maps:
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, 4, 12))
+        assert (a.triu(1) == 0).all()
+    assert first_token_attention(model, tokens, min_query=4).shape == (2, 4)
+
+
+def test_bad_arguments():
+    model = tiny((None,))
+    tokens = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="sinks"):
+        streaming_forward(model, tokens, 4, sinks=4)
+    with pytest.raises(ValueError, match="'rope'"):
+        streaming_forward(model, tokens, 4, sinks=1, positions="rope")
+
+
+# -- the shipped demonstration ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo():
+    """The stored model (trained by ``python -m swa_lib.sinks --save``) evaluated afresh."""
+    from swa_lib.results import load
+    from swa_lib.sinks import load_demo_model, run_demo
+
+    torch.manual_seed(0)
+    result = run_demo(DemoConfig(), model=load_demo_model(), progress=False)
+    return result, load("sinks_demo")
+
+
+def test_demo_reproduces_stored_numbers(demo):
+    result, stored = demo
+    assert stored["config"]["train"]["context"] == DemoConfig().train.context
+    for name, value in stored["ppl"].items():
+        assert math.isclose(result["ppl"][name], value, rel_tol=1e-3), name
+    torch.testing.assert_close(torch.tensor(result["first_token"]), torch.tensor(stored["first_token"]), rtol=0, atol=2e-3)
+
+
+def test_demo_findings(demo):
+    """What the demo shows (chapter 10): layer 0 leans on BOS, and evicting it costs clearly more
+    than keeping it, while sinks + window match recomputation; positions matter a lot."""
+    result, _ = demo
+    mass, uniform, ppl = torch.tensor(result["first_token"]), result["uniform"], result["ppl"]
+    # layer 0: every head puts at least 4x the uniform share on BOS (measured 5.7x-7.7x) ...
+    assert (mass[0] >= 4 * uniform).all(), mass[0]
+    # ... deeper layers attend to BOS less than uniformly (measured at most 0.046 vs 0.056)
+    assert (mass[1:] < uniform).all(), mass[1:]
+    ref = ppl["recompute+BOS"]
+    # sinks + window (S = 1..4) stay within 1% of recomputation (measured within 0.1%)
+    for s in range(1, 5):
+        assert abs(ppl[f"sinks={s}"] / ref - 1) < 0.01, (s, ppl[f"sinks={s}"], ref)
+    # window-only eviction loses clearly against every sink policy (measured +2.0%)
+    worst_sinks = max(ppl[f"sinks={s}"] for s in range(1, 5))
+    assert ppl["window"] > 1.01 * worst_sinks, (ppl["window"], worst_sinks)
+    # so does recomputing the window without BOS (measured +2.2%)
+    assert ppl["recompute"] > 1.01 * ref
+    # keeping original positions puts the sinks far outside the trained distances (measured +40%)
+    assert ppl["sinks=4, original positions"] > 1.2 * ppl["sinks=4"]
+    # dense attention beyond the training length fails (distances never seen; measured 4.5x)
+    assert ppl["dense"] > 2 * ref
+
+
+def test_training_is_deterministic():
+    from swa_lib.sinks import train_demo_model
+
+    cfg = DemoConfig()
+    cfg.train.steps, cfg.train.log_every = 6, 3
+    _, h1 = train_demo_model(cfg, progress=False)
+    _, h2 = train_demo_model(cfg, progress=False)
+    assert h1 == h2 and h1[-1][1] < h1[0][1] + 0.5

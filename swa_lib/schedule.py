@@ -141,6 +141,8 @@ def receptive_field_support(layers, n: int, position: int = -1, *, num_layers: O
         for layer in reversed(stack[:depth]):  # walk down from the top layer
             below = seen.copy()  # the residual path: position i reads itself
             for o in layer_offsets(layer):  # query i reads key j = i - o
+                if abs(o) >= n:
+                    continue  # no pair of positions this far apart
                 if o > 0:
                     below[: n - o] |= seen[o:]
                 elif o < 0:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 import pytest
 import torch
 
 matplotlib.use("Agg")  # this process only; nbval kernels keep the inline backend
+
+# Without a GPU, the suite runs Triton kernels in Triton's CPU interpreter. The choice must be
+# made before anything imports triton (torch.compile, FlexAttention and transformers may), so it
+# is made here, once, for the whole test session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_qkv(b=1, h=2, n=7, d=8, *, h_kv=None, n_q=None, d_v=None, dtype=torch.float64, seed=0, requires_grad=False):

@@ -67,7 +67,7 @@ def main(src: str, dst: str, triton_interpreter: bool = False) -> None:
     nb.metadata["language_info"] = {"name": "python"}
     cells = parse_percent(text)
     first = nbformat.v4.new_code_cell(setup_cell(triton_interpreter))
-    first.metadata["tags"] = ["remove-output"]
+    first.metadata["tags"] = ["remove-output", "hide-input"]
     # The title (a markdown cell starting with "# ") stays first; the set-up cell follows it.
     if cells and cells[0].cell_type == "markdown":
         nb.cells = [cells[0], first, *cells[1:]]

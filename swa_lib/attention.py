@@ -10,7 +10,7 @@ import torch
 from .backends import choose_backend
 from .masks import AttentionPattern, check_window
 
-__all__ = ["sliding_window_attention", "make_pattern"]
+__all__ = ["sliding_window_attention", "make_pattern", "validate_call"]
 
 
 def _check_tensor(name: str, x) -> torch.Tensor:
@@ -99,6 +99,30 @@ def make_pattern(
     return AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)
 
 
+def validate_call(q, k, v, window, *, dilation=1, global_tokens=None, sinks=0, scale=None):
+    """Check the arguments of :func:`sliding_window_attention` once; return ``(pattern, scale)``.
+
+    Every public entry point that takes q, k, v and a window (the Triton function included)
+    goes through here, so they all reject bad input with the same messages.
+    """
+    _check_qkv(q, k, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    pattern = make_pattern(
+        window,
+        dilation=dilation,
+        sinks=sinks,
+        global_tokens=global_tokens,
+        batch=q.shape[0],
+        heads=q.shape[1],
+        n=k.shape[2],
+        device=q.device,
+    )
+    return pattern, float(scale)
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -137,20 +161,7 @@ def sliding_window_attention(
     Raises:
         TypeError / ValueError naming the offending value for malformed input.
     """
-    _check_qkv(q, k, v)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    pattern = make_pattern(
-        window,
-        dilation=dilation,
-        sinks=sinks,
-        global_tokens=global_tokens,
-        batch=q.shape[0],
-        heads=q.shape[1],
-        n=k.shape[2],
-        device=q.device,
-    )
+    pattern, scale = validate_call(q, k, v, window, dilation=dilation, global_tokens=global_tokens,
+                                   sinks=sinks, scale=scale)
     chosen = choose_backend(backend, q, k, pattern)
-    return chosen.fn(q, k, v, pattern, float(scale))
+    return chosen.fn(q, k, v, pattern, scale)

@@ -23,7 +23,6 @@ at the very start can then carry nothing, which is why the global slots here are
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from .dense import expand_kv
 from .masks import AttentionPattern
-from .model import BOS, Attention, ModelConfig, TinyLM, TrainConfig
+from .model import BOS, Attention, ModelConfig, TinyLM, TrainConfig, fit
 from .rope import apply_rope
 
 __all__ = [
@@ -204,13 +203,6 @@ def standard_variants(window: int = 8, layers: int = 2, stride: int = 16) -> lis
     ]
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 def train_on_task(model: TinyLM, task: NeedleTask, cfg: TrainConfig) -> list:
     """Train on fresh task samples, loss on the answer only; returns ``[(step, mean loss), ...]``.
 
@@ -218,25 +210,13 @@ def train_on_task(model: TinyLM, task: NeedleTask, cfg: TrainConfig) -> list:
     (``context`` comes from the task). AdamW, linear warm-up then cosine decay to 10%.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    history, running = [], 0.0
-    model.train()
-    for step in range(cfg.steps):
+
+    def batch_loss(step):
         tokens, answers, _ = task.sample(cfg.batch, gen)  # (B, N), (B,)
         logits = model(tokens)[:, -1]  # (B, vocab): the prediction after "?"
-        loss = F.cross_entropy(logits, answers)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if (step + 1) % cfg.log_every == 0:
-            history.append((step + 1, running / cfg.log_every))
-            running = 0.0
-    model.eval()
-    return history
+        return F.cross_entropy(logits, answers)
+
+    return fit(model, cfg, batch_loss)
 
 
 @torch.no_grad()

@@ -345,26 +345,25 @@ class TrainConfig:
     progress: bool = True
 
 
-def train(model: TinyLM, text: str, cfg: TrainConfig = TrainConfig(), *, backend: str = "sdpa") -> list:
-    """Train ``model`` on random BOS-prefixed windows of ``text``; returns ``[(step, loss), ...]``.
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier: linear warm-up over ``cfg.warmup`` steps, then cosine decay to 10%."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
-    Loss is the mean cross-entropy in nats per byte, logged every ``cfg.log_every`` steps
-    (averaged over those steps). Deterministic for a given seed on a given machine.
+
+def fit(model: nn.Module, cfg: TrainConfig, batch_loss, *, progress: bool = False) -> list:
+    """The optimisation loop shared by every training helper; returns ``[(step, mean loss), ...]``.
+
+    ``batch_loss(step)`` draws a batch and returns its scalar loss. AdamW with ``cfg``'s
+    hyper-parameters, :func:`lr_factor` schedule, gradient clipping at ``cfg.clip``; the loss is
+    averaged over every ``cfg.log_every`` steps. Leaves the model in eval mode.
     """
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    data = encode(text, bos=False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-    def lr_at(step):
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     bar = None
-    if cfg.progress:
+    if progress:
         try:
             from tqdm.auto import tqdm
 
@@ -374,9 +373,7 @@ def train(model: TinyLM, text: str, cfg: TrainConfig = TrainConfig(), *, backend
     history, running = [], 0.0
     model.train()
     for step in range(cfg.steps):
-        batch = make_batches(data, cfg.batch, cfg.context, gen)  # (B, context + 1)
-        logits = model(batch[:, :-1], backend=backend)  # (B, context, vocab)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = batch_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -394,3 +391,21 @@ def train(model: TinyLM, text: str, cfg: TrainConfig = TrainConfig(), *, backend
         bar.close()
     model.eval()
     return history
+
+
+def train(model: TinyLM, text: str, cfg: TrainConfig = TrainConfig(), *, backend: str = "sdpa") -> list:
+    """Train ``model`` on random BOS-prefixed windows of ``text``; returns ``[(step, loss), ...]``.
+
+    Loss is the mean cross-entropy in nats per byte, logged every ``cfg.log_every`` steps
+    (averaged over those steps). Deterministic for a given seed on a given machine.
+    """
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = encode(text, bos=False)
+
+    def batch_loss(step):
+        batch = make_batches(data, cfg.batch, cfg.context, gen)  # (B, context + 1)
+        logits = model(batch[:, :-1], backend=backend)  # (B, context, vocab)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    return fit(model, cfg, batch_loss, progress=cfg.progress)

@@ -34,7 +34,6 @@ which mode this process got.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Optional, Sequence, Union
 
@@ -832,13 +831,8 @@ def triton_sliding_window_attention(
     O(N * S) for S sinks; dilation keeps the band's cost (holes are masked, not skipped).
     Accumulation is in fp32; the saved logsumexp is fp32.
     """
-    from .attention import _check_qkv, make_pattern
+    from .attention import validate_call
 
-    _check_qkv(q, k, v)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    pattern = make_pattern(window, dilation=dilation, sinks=sinks, global_tokens=global_tokens,
-                           batch=q.shape[0], heads=q.shape[1], n=k.shape[2], device=q.device)
-    return triton_attention(q, k, v, pattern, float(scale), blocks)
+    pattern, scale = validate_call(q, k, v, window, dilation=dilation, global_tokens=global_tokens,
+                                   sinks=sinks, scale=scale)
+    return triton_attention(q, k, v, pattern, scale, blocks)

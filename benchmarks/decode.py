@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Decode benchmark: tokens/s and KV-cache memory against generated length, four ways of decoding.
 
-    .venv/bin/python benchmarks/decode.py            # 2048 tokens per method (a few minutes on 2 loaded cores)
-    .venv/bin/python benchmarks/decode.py --quick    # 256 tokens (seconds)
+    .venv/bin/python benchmarks/decode.py            # 8192 tokens per method (about 5 minutes, 1 thread)
+    .venv/bin/python benchmarks/decode.py --quick    # 256 tokens, narrow model (seconds)
 
-The model is swa_lib's TinyLM (dim 64, 4 layers, 4 heads, D = 16, fp32, batch 1, untrained weights:
-speed and memory do not depend on the weights). Cache size W = 64 tokens. Methods:
+The model is swa_lib's TinyLM with untrained weights (speed and memory do not depend on them):
+4 layers, width 256, 4 heads of D = 64 (the head size of real models, so that attention over a
+long cache costs what it costs there), fp32, batch 1, one torch thread. Cache size W = 64 tokens.
+Methods:
 
   rolling     every layer has the window (W - 1, 0); a RollingKVCache of W slots per layer
   sinks       full-attention model with a SinkKVCache (4 sinks + 60 recent) per layer
@@ -14,11 +16,11 @@ speed and memory do not depend on the weights). Cache size W = 64 tokens. Method
 
 Per method, after every ``--every`` generated tokens: tokens/s over that stretch, and the bytes
 held by the KV caches (tensor sizes, 2 * layers * B * H_kv * slots * D * 4 bytes; recompute holds
-none, it keeps only W token ids). Analytic attention cost per new token: rolling / sinks / recompute
-attend to W keys (recompute also re-runs the whole network on W tokens: W times the MLP work);
-full attends to all n previous keys. Writes swa_lib/results/decode_bench.json and
-book/figures/decode_bench.png. Tests never assert timings; the machine is shared (load average
-recorded with the results).
+none, it keeps only W token ids). Analytic work per new token: rolling / sinks attend to W keys;
+recompute re-runs the whole network on W tokens (W times the projection and MLP work); full
+attends to all n previous keys, so its step reads 2 * layers * n * width floats of cache and slows
+down as n grows. Writes swa_lib/results/decode_bench.json and book/figures/decode_bench.png. Tests
+never assert timings; the load average is recorded with the results.
 """
 
 from __future__ import annotations
@@ -44,16 +46,17 @@ W = 64
 METHODS = ["rolling", "sinks", "recompute", "full"]
 
 
-def make_model(windowed: bool) -> TinyLM:
+def make_model(windowed: bool, dim: int) -> TinyLM:
     torch.manual_seed(0)
     windows = (W - 1,) * 4 if windowed else (None,) * 4
-    return TinyLM(ModelConfig(dim=64, heads=4, heads_kv=4, windows=windows)).eval()
+    heads = max(1, dim // 64)
+    return TinyLM(ModelConfig(dim=dim, heads=heads, heads_kv=heads, windows=windows)).eval()
 
 
 @torch.no_grad()
-def run(method: str, length: int, every: int) -> list:
+def run(method: str, length: int, every: int, dim: int) -> list:
     """Decode ``length`` tokens; one record per ``every`` tokens."""
-    model = make_model(windowed=(method == "rolling"))
+    model = make_model(windowed=(method == "rolling"), dim=dim)
     caches = None
     if method == "rolling":
         caches = model.new_caches(1, "rolling")
@@ -81,14 +84,17 @@ def run(method: str, length: int, every: int) -> list:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--length", type=int, default=2048, help="tokens generated per method")
-    ap.add_argument("--every", type=int, default=128, help="record every this many tokens")
-    ap.add_argument("--quick", action="store_true", help="256 tokens, record every 64 (smoke test)")
+    ap.add_argument("--length", type=int, default=8192, help="tokens generated per method")
+    ap.add_argument("--every", type=int, default=512, help="record every this many tokens")
+    ap.add_argument("--dim", type=int, default=256, help="model width (heads of 64 channels)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--quick", action="store_true", help="256 tokens of a width-64 model, record every 64")
     ap.add_argument("--no-save", action="store_true", help="print only")
     args = ap.parse_args(argv)
     if args.quick:
-        args.length, args.every = 256, 64
-    results = {m: run(m, args.length, args.every) for m in METHODS}
+        args.length, args.every, args.dim = 256, 64, 64
+    torch.set_num_threads(args.threads)
+    results = {m: run(m, args.length, args.every, args.dim) for m in METHODS}
     print(f"{'method':10s} | " + " | ".join(f"n={r['tokens']:5d}" for r in results["rolling"]))
     for m, recs in results.items():
         print(f"{m:10s} | " + " | ".join(f"{r['tokens_per_s']:6.0f}/s" for r in recs))
@@ -99,7 +105,8 @@ def main(argv=None) -> None:
         return
     data = {
         "window": W,
-        "model": {"dim": 64, "layers": 4, "heads": 4, "head_dim": 16, "dtype": "float32", "batch": 1},
+        "model": {"dim": args.dim, "layers": 4, "heads": max(1, args.dim // 64), "head_dim": min(64, args.dim),
+                  "dtype": "float32", "batch": 1},
         "results": results,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "loadavg": os.getloadavg()},

@@ -66,10 +66,19 @@ def sdpa_attention(
     """The same computation through ``torch.nn.functional.scaled_dot_product_attention``.
 
     The boolean band mask is materialised (O(N^2) memory), so SDPA can only use its
-    math or memory-efficient kernels, not FlashAttention. Every query sees at least itself,
-    so SDPA's NaN for fully masked rows never arises here.
+    math or memory-efficient kernels, not FlashAttention. Two windows need no mask and skip
+    it: one that lets every query see every key (full attention, e.g. a decoding step whose
+    window covers the whole cache) and a window ``(>= N - 1, 0)`` over ``N`` queries and keys,
+    which is ``is_causal=True``. Every query sees at least itself, so SDPA's NaN for fully
+    masked rows never arises here.
     """
     heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
     k, v = expand_kv(k, heads), expand_kv(v, heads)
+    if pattern.is_plain and pattern.left >= n_k - 1:
+        # The window reaches back past key 0 for every query: no mask to build.
+        if pattern.right >= n_q - 1:  # ... and forward past the last key: plain attention
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if pattern.right == 0 and n_q == n_k:  # ... and not forward at all: causal attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     mask = pattern.mask(n_q, n_k, num_heads=heads, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

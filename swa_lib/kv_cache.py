@@ -337,13 +337,15 @@ def plot_decode_bench(data: dict):
     for color, (name, recs) in zip(PALETTE, data["results"].items()):
         n = [r["tokens"] for r in recs]
         ax1.plot(n, [r["tokens_per_s"] for r in recs], "o-", color=color, label=name, markersize=3)
-        ax2.plot(n, [r["cache_bytes"] / 1024 for r in recs], "o-", color=color, label=name, markersize=3)
+        ax2.plot(n, [r["cache_bytes"] / 2**20 for r in recs], "o-", color=color, label=name, markersize=3)
     ax1.set_xlabel("tokens generated")
     ax1.set_ylabel("decode speed (tokens/s)")
     ax1.set_yscale("log")
-    ax1.set_title(f"TinyLM decode, cache W = {data['window']}, batch 1, CPU")
+    m = data["model"]
+    ax1.set_title(f"TinyLM decode (width {m['dim']}, {m['layers']} layers), W = {data['window']}, batch 1, CPU",
+                  fontsize=10)
     ax2.set_xlabel("tokens generated")
-    ax2.set_ylabel("KV cache memory (KiB)")
+    ax2.set_ylabel("KV cache memory (MiB)")
     ax2.set_title("cache memory (tensor sizes)")
     ax1.legend()
     ax2.legend()

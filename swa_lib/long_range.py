@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .dense import expand_kv
 from .masks import AttentionPattern
 from .model import BOS, Attention, ModelConfig, TinyLM, TrainConfig, fit
-from .rope import apply_rope
+from .rope import rope_cos_sin, rotate
 
 __all__ = [
     "DIGITS",
@@ -125,13 +125,15 @@ class CausalGlobalAttention(Attention):
         super().__init__(cfg, window)
         self.stride = stride
 
-    def forward(self, x, positions, *, backend="sdpa", cache=None, capture=None):
+    def forward(self, x, positions, *, backend="sdpa", cache=None, capture=None, rope=None):
         if cache is not None:
             raise ValueError("CausalGlobalAttention has no cached decoding; call the model without caches")
         if int(positions[0]) != 0:
             raise ValueError(f"CausalGlobalAttention needs sequences that start at position 0, got {int(positions[0])}")
         q, k, v = self.project(x)  # (B, H, N, D), (B, H_kv, N, D) x 2
-        q, k = apply_rope(q, positions, self.cfg.rope_base), apply_rope(k, positions, self.cfg.rope_base)
+        if rope is None:
+            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base, dtype=q.dtype)
+        q, k = rotate(q, *rope), rotate(k, *rope)
         if capture is not None:
             capture.append((q.detach(), k.detach()))
         left = self.pattern_window[0]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .attention import sliding_window_attention
 from .kv_cache import FullKVCache, RollingKVCache, SinkKVCache
 from .masks import UNBOUNDED
-from .rope import apply_rope
+from .rope import apply_rope, rope_cos_sin, rotate
 
 __all__ = [
     "BOS",
@@ -128,7 +128,8 @@ class Attention(nn.Module):
         b, _, n, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, dim)
 
-    def forward(self, x, positions, *, backend="sdpa", cache=None, capture=None):
+    def forward(self, x, positions, *, backend="sdpa", cache=None, capture=None, rope=None):
+        """``rope``: the ``(cos, sin)`` tables of ``positions`` (built here when not given)."""
         q, k, v = self.project(x)
         base = self.cfg.rope_base
         if isinstance(cache, SinkKVCache):
@@ -136,7 +137,8 @@ class Attention(nn.Module):
             q, k_ctx = apply_rope(q, query_pos, base), apply_rope(k_ctx, key_pos, base)
             window = (k_ctx.shape[2], 0)  # the cache is the window: see everything in it
         else:
-            q, k = apply_rope(q, positions, base), apply_rope(k, positions, base)
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, base, dtype=q.dtype) if rope is None else rope
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             k_ctx, v_ctx = (k, v) if cache is None else cache.update(k, v)
             window = self.pattern_window
             if isinstance(cache, RollingKVCache) and cache.attention_window != window:
@@ -210,8 +212,10 @@ class TinyLM(nn.Module):
                 raise ValueError(f"start={start} but the caches have seen {caches[0].seen} tokens")
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.embed(tokens)  # (B, N, dim)
+        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base, dtype=x.dtype)  # once for all layers
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, backend=backend, cache=None if caches is None else caches[i], capture=capture)
+            x = block(x, positions, backend=backend, cache=None if caches is None else caches[i], capture=capture,
+                      rope=rope)
         return self.head(self.norm(x))  # (B, N, vocab)
 
     # -- decoding -------------------------------------------------------------------------

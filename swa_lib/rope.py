@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rope_frequencies", "rope_cos_sin", "apply_rope", "apply_rope_reference"]
+__all__ = ["rope_frequencies", "rope_cos_sin", "rotate", "apply_rope", "apply_rope_reference"]
 
 
 def rope_frequencies(head_dim: int, base: float = 10000.0, *, device=None) -> torch.Tensor:
@@ -65,6 +65,12 @@ def apply_rope(x: torch.Tensor, positions, base: float = 10000.0) -> torch.Tenso
     cos, sin = rope_cos_sin(pos, x.shape[-1], base, dtype=x.dtype)  # (N, D) or (B, N, D)
     if pos.ndim == 2:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, N, D)
+    return rotate(x, cos, sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(B, H, N, D)`` with tables from :func:`rope_cos_sin` (``(N, D)`` or
+    ``(B, 1, N, D)``); lets a model build the tables once per forward pass for all its layers."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, H, N, D)
     return x * cos + rotated * sin

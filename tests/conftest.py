@@ -32,6 +32,20 @@ def make_qkv(b=1, h=2, n=7, d=8, *, h_kv=None, n_q=None, d_v=None, dtype=torch.f
     return q, k, v
 
 
+def global_sets(n):
+    """Named global-token sets for length n: none, start, middle, end, all, and three mixtures."""
+    return {
+        "none": [],
+        "start": [0],
+        "middle": [n // 2],
+        "end": [n - 1],
+        "start+end": [0, n - 1],
+        "mixed": sorted({0, n // 3, n - 1}),
+        "scattered": sorted({1, n // 3, n - 2} & set(range(n))),
+        "all": list(range(n)),
+    }
+
+
 @pytest.fixture
 def qkv_factory():
     return make_qkv

@@ -11,21 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swa_lib
-from conftest import make_qkv
+from conftest import global_sets, make_qkv
 
 BACKENDS = ["blocked", "chunked"]
 N = 17
-
-
-def global_sets(n):
-    return {
-        "none": [],
-        "start": [0],
-        "middle": [n // 2],
-        "end": [n - 1],
-        "mixed": [0, n // 3, n - 1],
-        "all": list(range(n)),
-    }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

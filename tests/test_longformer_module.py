@@ -20,7 +20,7 @@ from swa_lib.longformer import (
     hf_layer_attention_mask,
     split_hf_attention_mask,
 )
-from conftest import make_qkv
+from conftest import global_sets, make_qkv
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.longformer.modeling_longformer import (  # noqa: E402
@@ -39,19 +39,6 @@ def capable_backends(dilation=False):
         if name != "loop" and BACKENDS[name].global_tokens and (BACKENDS[name].dilation or not dilation)
         and "cpu" in BACKENDS[name].devices and torch.float64 in BACKENDS[name].dtypes
     ]
-
-
-def global_sets(n):
-    """Global tokens at the start, middle, end, none, all, and a scattered set."""
-    return {
-        "none": [],
-        "start": [0],
-        "middle": [n // 2],
-        "end": [n - 1],
-        "start+end": [0, n - 1],
-        "scattered": sorted({1, n // 3, n - 2} & set(range(n))),
-        "all": list(range(n)),
-    }
 
 
 @pytest.mark.parametrize("n", [1, 7, 13])

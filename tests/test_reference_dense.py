@@ -90,6 +90,23 @@ def test_fewer_queries_than_keys_are_bottom_aligned(n_q):
         torch.testing.assert_close(part, full[:, :, 7 - n_q:], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_q, n_k", [(9, 9), (1, 9), (4, 9), (1, 1)])
+def test_sdpa_mask_free_shortcuts_match_dense(n_q, n_k):
+    """sdpa skips the mask when the window covers every key (plain call) or is exactly causal
+    over equal lengths (is_causal); windows one short of each threshold must still be masked."""
+    q, k, v = make_qkv(2, 4, n_k, 8, h_kv=2, n_q=n_q, requires_grad=True, seed=n_q + n_k)
+    windows = [(n_k - 1, n_q - 1), (n_k - 1, 0), (n_k + 5, 0), (n_k, n_q + 3)]
+    windows += [(n_k - 2, 0), (n_k - 1, n_q - 2)] if n_k > 1 and n_q > 1 else []
+    for window in windows:
+        dense = swa_lib.sliding_window_attention(q, k, v, window, backend="dense")
+        sdpa = swa_lib.sliding_window_attention(q, k, v, window, backend="sdpa")
+        torch.testing.assert_close(sdpa, dense, rtol=1e-12, atol=1e-12, msg=f"window {window}")
+        g_dense = torch.autograd.grad(dense.square().sum(), (q, k, v))
+        g_sdpa = torch.autograd.grad(sdpa.square().sum(), (q, k, v))
+        for a, b in zip(g_sdpa, g_dense):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"gradient, window {window}")
+
+
 def test_gqa_equals_repeated_heads():
     q, k, v = make_qkv(2, 4, 11, 4, h_kv=2, seed=8)
     out = swa_lib.sliding_window_attention(q, k, v, (3, 1), backend="dense")

@@ -101,23 +101,24 @@ def test_demo_findings(demo):
     than keeping it, while sinks + window match recomputation; positions matter a lot."""
     result, _ = demo
     mass, uniform, ppl = torch.tensor(result["first_token"]), result["uniform"], result["ppl"]
-    # layer 0: every head puts at least 4x the uniform share on BOS (measured 5.7x-7.7x) ...
-    assert (mass[0] >= 4 * uniform).all(), mass[0]
-    # ... deeper layers attend to BOS less than uniformly (measured at most 0.046 vs 0.056)
-    assert (mass[1:] < uniform).all(), mass[1:]
+    # layer 0: every head puts at least 3x the uniform share on BOS (measured 4.1x-9.8x) ...
+    assert (mass[0] >= 3 * uniform).all(), mass[0]
+    # ... deeper layers do not: a third of uniform on average (measured 0.018 vs 0.056), no head
+    # above twice uniform (measured at most 0.080)
+    assert mass[1:].mean() < uniform / 3 and (mass[1:] < 2 * uniform).all(), mass[1:]
     ref = ppl["recompute+BOS"]
-    # sinks + window (S = 1..4) stay within 1% of recomputation (measured within 0.1%)
+    # sinks + window (S = 1..4) stay within 1% of recomputation (measured within 0.2%)
     for s in range(1, 5):
         assert abs(ppl[f"sinks={s}"] / ref - 1) < 0.01, (s, ppl[f"sinks={s}"], ref)
-    # window-only eviction loses clearly against every sink policy (measured +2.0%)
+    # window-only eviction loses clearly against every sink policy (measured +4.2%)
     worst_sinks = max(ppl[f"sinks={s}"] for s in range(1, 5))
-    assert ppl["window"] > 1.01 * worst_sinks, (ppl["window"], worst_sinks)
-    # so does recomputing the window without BOS (measured +2.2%)
-    assert ppl["recompute"] > 1.01 * ref
-    # keeping original positions puts the sinks far outside the trained distances (measured +40%)
-    assert ppl["sinks=4, original positions"] > 1.2 * ppl["sinks=4"]
-    # dense attention beyond the training length fails (distances never seen; measured 4.5x)
-    assert ppl["dense"] > 2 * ref
+    assert ppl["window"] > 1.02 * worst_sinks, (ppl["window"], worst_sinks)
+    # so does recomputing the window without BOS (measured +4.8%)
+    assert ppl["recompute"] > 1.02 * ref
+    # keeping original positions puts the sinks far outside the trained distances (measured +70%)
+    assert ppl["sinks=4, original positions"] > 1.3 * ppl["sinks=4"]
+    # dense attention beyond the training length fails (distances never seen; measured 6.3x)
+    assert ppl["dense"] > 3 * ref
 
 
 def test_training_is_deterministic():
@@ -128,3 +129,36 @@ def test_training_is_deterministic():
     _, h1 = train_demo_model(cfg, progress=False)
     _, h2 = train_demo_model(cfg, progress=False)
     assert h1 == h2 and h1[-1][1] < h1[0][1] + 0.5
+
+
+def test_variants_table_lists_every_stored_run():
+    from swa_lib.results import load
+    from swa_lib.sinks import format_variants
+
+    variants, demo = load("sinks_variants"), load("sinks_demo")
+    table = format_variants(variants).splitlines()
+    assert len(table) == 1 + len(variants)
+    for name, line in zip(variants, table[1:]):
+        assert line.startswith(name)
+    # the demo's own run is in the table, with the numbers the chapter loads
+    (name,) = [k for k in variants if k.startswith("demo")]
+    assert variants[name]["ppl"] == demo["ppl"]
+    assert variants[name]["config"]["model"] == demo["config"]["model"]
+
+
+def test_value_norms_match_a_hand_computation():
+    from swa_lib.sinks import value_norms
+
+    model = tiny((None, None), heads_kv=2)
+    tokens = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(4))
+    out = value_norms(model, tokens)
+    assert out["bos"].shape == out["others"].shape == (2, 4)
+    with torch.no_grad():
+        attn, d = model.blocks[0].attn, model.cfg.head_dim
+        h = model.blocks[0].norm1(model.embed(tokens))  # (B, N, dim)
+        v = h @ attn.wkv.weight[model.cfg.heads_kv * d:].T  # rows after the keys: values, (B, N, H_kv * D)
+        for head in range(4):
+            v_h = v[..., (head // 2) * d:(head // 2 + 1) * d]  # heads 0,1 share kv-head 0
+            written = (v_h @ attn.wo.weight[:, head * d:(head + 1) * d].T).norm(dim=-1)  # (B, N)
+            torch.testing.assert_close(out["bos"][0, head], written[:, 0].mean())
+            torch.testing.assert_close(out["others"][0, head], written[:, 1:].mean())

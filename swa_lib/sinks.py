@@ -31,6 +31,7 @@ import argparse
 import io
 import json
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -325,6 +326,7 @@ def save_demo(result: dict, cfg: DemoConfig) -> None:
     data = {k: v for k, v in result.items() if k != "model"}
     data["config"] = {"model": asdict(cfg.model), "train": asdict(cfg.train), "stream_len": cfg.stream_len,
                       "streams": cfg.streams, "cache": cfg.cache}
+    data["python"] = platform.python_version()  # the training and held-out text are this Python's stdlib
     result_path("sinks_demo").write_text(json.dumps(data, indent=1))
 
 

@@ -28,7 +28,9 @@ Three layers (STYLE.md): private ``@triton.jit`` kernels; launchers (``_forward`
 kernels run in Triton's interpreter on CPU, which must be chosen *before this module is first
 imported* by setting the environment variable ``TRITON_INTERPRET=1`` (Triton decides at
 decoration time, and reads it again at launch, so leave it set); :data:`INTERPRETER` records
-which mode this process got.
+which mode this process got. Tested with Triton 3.9 and 3.6 (interpreter, and compiled for
+sm_90 without a GPU); Triton 3.6's interpreter needs numpy < 2.4 (it converts one-element arrays
+to ints, which numpy 2.4 refuses).
 """
 
 from __future__ import annotations

@@ -306,16 +306,16 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, model: Optional[TinyLM] = None, 
 def format_report(result: dict, digits: int = 3) -> str:
     """The demonstration's table: first-token attention per layer/head, then perplexities."""
     mass = result["first_token"]
-    lines = ["Attention on token 0 (BOS), mean over queries >= W/4 "
+    lines = ["Attention on token 0 (BOS) per layer and head, mean over queries >= W/4",
              f"(uniform attention would give {result['uniform']:.{digits}f})"]
-    lines.append("layer | " + " | ".join(f"head {h}" for h in range(len(mass[0]))))
+    lines.append(("layer | " + " | ".join(f"h{h:<{digits + 1}d}" for h in range(len(mass[0])))).rstrip())
     for i, row in enumerate(mass):
-        lines.append(f"{i:5d} | " + " | ".join(f"{x:6.{digits}f}" for x in row))
+        lines.append(f"{i:5d} | " + " | ".join(f"{x:.{digits}f}" for x in row))
     lines.append("")
     ref = result["ppl"]["recompute+BOS"]
-    lines.append(f"{'policy (cache of W tokens)':34s} | perplexity | vs recompute+BOS")
+    lines.append(f"{'policy (cache of W tokens)':28s} | perplexity | vs recompute+BOS")
     for name, value in result["ppl"].items():
-        lines.append(f"{name:34s} | {value:10.{digits}f} | {100 * (value / ref - 1):+7.1f}%")
+        lines.append(f"{name:28s} | {value:10.{digits}f} | {100 * (value / ref - 1):+7.1f}%")
     return "\n".join(lines)
 
 
@@ -341,29 +341,33 @@ def load_demo_model() -> TinyLM:
     return model.eval()
 
 
-def plot_attention_heads(maps: list, layers=None, *, batch: int = 0):
-    """Heat maps of attention probabilities, one panel per (layer, head); column 0 is token 0."""
+def plot_attention_heads(maps: list, layers=None, *, batch: int = 0, ncols: int = 4):
+    """Heat maps of attention probabilities, one panel per (layer, head), ``ncols`` panels a row
+    (a layer's heads take ``ceil(heads / ncols)`` rows); column 0 of each map is token 0."""
     from matplotlib.colors import PowerNorm
 
     from .plotting import new_figure
 
     layers = range(len(maps)) if layers is None else list(layers)
     heads = maps[0].shape[1]
-    size = min(2.6, 16.0 / heads)  # panel size in inches: 8 heads still fit a page width
-    fig, axes = new_figure(ncols=heads, nrows=len(layers), width=size, height=size + 0.3)
-    axes = axes.reshape(len(layers), heads)
+    ncols = min(ncols, heads)
+    rows_per_layer = -(-heads // ncols)
+    fig, axes = new_figure(ncols=ncols, nrows=len(layers) * rows_per_layer, width=2.4, height=2.5)
+    for ax in axes.flat:
+        ax.set_visible(False)
     for r, layer in enumerate(layers):
         for h in range(heads):
-            ax = axes[r, h]
+            ax = axes[r * rows_per_layer + h // ncols, h % ncols]
+            ax.set_visible(True)
             im = ax.imshow(maps[layer][batch, h].numpy(), cmap="cividis", norm=PowerNorm(0.5, vmin=0, vmax=1),
                            interpolation="nearest")
-            ax.set_title(f"layer {layer}, head {h}", fontsize=8)
+            ax.set_title(f"layer {layer}, head {h}", fontsize=9)
             ax.tick_params(labelsize=7)
-            if r == len(layers) - 1:
-                ax.set_xlabel("key j", fontsize=8)
-            if h == 0:
+            ax.set_xlabel("key j", fontsize=8)
+            if h % ncols == 0:
                 ax.set_ylabel("query i", fontsize=8)
-    fig.colorbar(im, ax=axes, shrink=0.6, label="attention weight (square-root scale)")
+    fig.tight_layout()
+    fig.colorbar(im, ax=axes, shrink=0.5, label="attention weight (square-root scale)")
     return fig
 
 
@@ -385,17 +389,18 @@ def plot_history(history: list, ax=None):
 def format_variants(data: dict, digits: int = 1) -> str:
     """One line per stored run of ``sinks_variants.json``: layer 0's share of attention on BOS
     (lowest and highest head), then window-only, the best of 1..4 sinks ("best S") and
-    recomputation without BOS, each relative to recompute+BOS; with the final training loss
-    (nats per byte) and the training time."""
-    lines = [f"{'run':26s} | L0 on BOS  | window  | best S  | recompute | loss  | train"]
+    recomputation without BOS ("no BOS"), each relative to recompute+BOS; with the final training
+    loss (nats per byte) and the training time."""
+    width = max(len("run"), *(len(name) for name in data))
+    lines = [f"{'run':{width}s} | L0 on BOS |  window |  best S |  no BOS | loss  | train"]
     for name, r in data.items():
         p, ref = r["ppl"], r["ppl"]["recompute+BOS"]
         rel = lambda x: f"{100 * (x / ref - 1):+6.{digits}f}%"  # noqa: E731
         best = min(v for k, v in p.items() if k.startswith("sinks=") and "original" not in k)
         l0 = r["first_token"][0]
         loss = "  -  " if r.get("final_loss") is None else f"{r['final_loss']:.3f}"
-        lines.append(f"{name:26s} | {min(l0):.2f}-{max(l0):.2f}  | {rel(p['window'])} | {rel(best)} | "
-                     f"{rel(p['recompute'])}   | {loss} | {r['seconds_train']:.0f} s")
+        lines.append(f"{name:{width}s} | {min(l0):.2f}-{max(l0):.2f} | {rel(p['window']):>7s} | {rel(best):>7s} | "
+                     f"{rel(p['recompute']):>7s} | {loss} | {r['seconds_train']:3.0f} s")
     return "\n".join(lines)
 
 

@@ -103,9 +103,10 @@ def main(argv=None) -> None:
         print(f"{m:10s} | " + " | ".join(f"{r['cache_bytes']:8d}" for r in recs))
     if args.no_save:
         return
+    cfg = make_model(windowed=True, dim=args.dim).cfg
     data = {
         "window": W,
-        "model": {"dim": args.dim, "layers": 4, "heads": max(1, args.dim // 64), "head_dim": min(64, args.dim),
+        "model": {"dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads, "head_dim": cfg.head_dim,
                   "dtype": "float32", "batch": 1},
         "results": results,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,

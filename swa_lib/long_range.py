@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from .dense import expand_kv
 from .masks import AttentionPattern
 from .model import BOS, Attention, ModelConfig, TinyLM, TrainConfig, fit
-from .rope import rope_cos_sin, rotate
 
 __all__ = [
     "DIGITS",
@@ -131,9 +130,7 @@ class CausalGlobalAttention(Attention):
         if int(positions[0]) != 0:
             raise ValueError(f"CausalGlobalAttention needs sequences that start at position 0, got {int(positions[0])}")
         q, k, v = self.project(x)  # (B, H, N, D), (B, H_kv, N, D) x 2
-        if rope is None:
-            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base, dtype=q.dtype)
-        q, k = rotate(q, *rope), rotate(k, *rope)
+        q, k = self.rotate_qk(q, k, positions, rope)
         if capture is not None:
             capture.append((q.detach(), k.detach()))
         left = self.pattern_window[0]

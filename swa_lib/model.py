@@ -128,6 +128,12 @@ class Attention(nn.Module):
         b, _, n, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, dim)
 
+    def rotate_qk(self, q, k, positions, rope=None):
+        """RoPE for q and k at ``positions``; ``rope``: their ``(cos, sin)`` tables, if already built."""
+        if rope is None:
+            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base, dtype=q.dtype)
+        return rotate(q, *rope), rotate(k, *rope)
+
     def forward(self, x, positions, *, backend="sdpa", cache=None, capture=None, rope=None):
         """``rope``: the ``(cos, sin)`` tables of ``positions`` (built here when not given)."""
         q, k, v = self.project(x)
@@ -137,8 +143,7 @@ class Attention(nn.Module):
             q, k_ctx = apply_rope(q, query_pos, base), apply_rope(k_ctx, key_pos, base)
             window = (k_ctx.shape[2], 0)  # the cache is the window: see everything in it
         else:
-            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, base, dtype=q.dtype) if rope is None else rope
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = self.rotate_qk(q, k, positions, rope)
             k_ctx, v_ctx = (k, v) if cache is None else cache.update(k, v)
             window = self.pattern_window
             if isinstance(cache, RollingKVCache) and cache.attention_window != window:
@@ -212,7 +217,9 @@ class TinyLM(nn.Module):
                 raise ValueError(f"start={start} but the caches have seen {caches[0].seen} tokens")
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.embed(tokens)  # (B, N, dim)
-        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base, dtype=x.dtype)  # once for all layers
+        rope = None  # RoPE tables, built once for all layers (sink caches rotate at cache positions instead)
+        if caches is None or not isinstance(caches[0], SinkKVCache):
+            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base, dtype=x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, backend=backend, cache=None if caches is None else caches[i], capture=capture,
                       rope=rope)

@@ -80,6 +80,11 @@ class DemoConfig:
         """Cache size W for streaming = the training context."""
         return self.train.context
 
+    def as_dict(self) -> dict:
+        """The settings as stored next to the results (JSON-ready)."""
+        return {"model": asdict(self.model), "train": asdict(self.train), "stream_len": self.stream_len,
+                "streams": self.streams, "cache": self.cache}
+
 
 def train_demo_model(cfg: DemoConfig = DemoConfig(), *, progress: bool = True):
     """Train the demo model; returns ``(model, history)``."""
@@ -324,8 +329,7 @@ def save_demo(result: dict, cfg: DemoConfig) -> None:
     state = {k: v.to(torch.float16) for k, v in result["model"].state_dict().items()}
     torch.save({"config": asdict(cfg.model), "state_dict": state}, result_path("sinks_model").with_suffix(".pt"))
     data = {k: v for k, v in result.items() if k != "model"}
-    data["config"] = {"model": asdict(cfg.model), "train": asdict(cfg.train), "stream_len": cfg.stream_len,
-                      "streams": cfg.streams, "cache": cfg.cache}
+    data["config"] = cfg.as_dict()
     data["python"] = platform.python_version()  # the training and held-out text are this Python's stdlib
     result_path("sinks_demo").write_text(json.dumps(data, indent=1))
 
@@ -410,8 +414,7 @@ def save_variant(name: str, result: dict, cfg: DemoConfig) -> None:
     data = json.loads(p.read_text()) if p.exists() else {}
     entry = {k: v for k, v in result.items() if k not in ("model", "history")}
     entry["final_loss"] = round(result["history"][-1][1], 4) if result.get("history") else None
-    entry["config"] = {"model": asdict(cfg.model), "train": asdict(cfg.train), "stream_len": cfg.stream_len,
-                       "streams": cfg.streams, "cache": cfg.cache}
+    entry["config"] = cfg.as_dict()
     data[name] = entry
     p.write_text(json.dumps(data, indent=1))
 

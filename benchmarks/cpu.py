@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import swa_lib  # noqa: E402
+from swa_lib import results  # noqa: E402
 from swa_lib.masks import AttentionPattern  # noqa: E402
 
 B, H, D = 1, 4, 64
@@ -286,13 +286,7 @@ def targets(rows) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), load_average_start=load_average())
+    return dict(results.machine(), load_average_start=load_average())
 
 
 def plot(result, path: Path):

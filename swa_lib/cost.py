@@ -51,8 +51,12 @@ def attention_flops(n: int, d: int, keys_per_query: float, *, heads: int = 1, ba
     return 4.0 * batch * heads * n * keys_per_query * d
 
 
-def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs (CUDA is synchronised)."""
+def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, best: bool = False) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs (CUDA is synchronised).
+
+    ``best=True`` returns the fastest run instead: other programs on the machine only ever add
+    time, so the minimum is the estimate least disturbed by them.
+    """
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -63,7 +67,7 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) ->
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times) if best else statistics.median(times)
 
 
 _STATUS = Path("/proc/self/status")

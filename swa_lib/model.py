@@ -2,7 +2,7 @@
 
 Byte-level (256 byte tokens plus a BOS token), pre-norm, RoPE, grouped-query attention, and a
 window per layer (``None`` = full causal attention). It is small enough to train on a laptop CPU in
-a minute on text that ships with Python (see :func:`stdlib_text`), and exists to make the KV-cache
+a minute on a small text corpus shipped with the package (see :func:`corpus_text`), and exists to make the KV-cache
 and attention-sink chapters concrete, not to be a good language model.
 
 Three ways to run it, which must agree (tests/test_model.py):
@@ -15,11 +15,11 @@ Three ways to run it, which must agree (tests/test_model.py):
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
-import sys
-import sysconfig
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
 from typing import Optional, Sequence
 
 import torch
@@ -40,7 +40,7 @@ __all__ = [
     "TinyLM",
     "TrainConfig",
     "train",
-    "stdlib_text",
+    "corpus_text",
     "make_batches",
 ]
 
@@ -305,26 +305,28 @@ class TinyLM(nn.Module):
 
 # -- data and training -------------------------------------------------------------------
 
-#: Standard-library modules used as training text (present in every CPython 3.8+).
+#: Training text: these modules of the shipped corpus (see :func:`corpus_text`).
 TRAIN_FILES = ("argparse.py", "textwrap.py", "string.py", "shlex.py", "fractions.py", "calendar.py",
                "csv.py", "difflib.py", "heapq.py", "bisect.py", "queue.py", "sched.py")
 #: Held-out text for evaluation.
 HELDOUT_FILES = ("pprint.py", "base64.py")
 
+_CORPUS = "corpus.json.gz"
 
-def stdlib_text(files: Sequence[str] = TRAIN_FILES) -> str:
-    """Concatenate standard-library sources that ship with this Python (nothing is downloaded).
 
-    The exact bytes depend on the Python version; the file list is fixed.
+def corpus_text(files: Sequence[str] = TRAIN_FILES) -> str:
+    """Concatenate modules of the corpus shipped in ``swa_lib/data`` (nothing is downloaded).
+
+    The corpus is a fixed copy of fourteen CPython 3.11.7 standard-library sources (PSF License
+    Version 2; ``swa_lib/data/README.md`` says where it comes from), so training and evaluation see
+    the same bytes on every Python version and machine.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts = []
-    for name in files:
-        path = root / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found in this Python's standard library ({sys.version.split()[0]})")
-        parts.append(path.read_text(encoding="utf-8"))
-    return "\n".join(parts)
+    with resources.files("swa_lib.data").joinpath(_CORPUS).open("rb") as f:
+        texts = json.loads(gzip.decompress(f.read()))["files"]
+    missing = [name for name in files if name not in texts]
+    if missing:
+        raise ValueError(f"not in the shipped corpus: {missing}; it holds {sorted(texts)}")
+    return "\n".join(texts[name] for name in files)
 
 
 def make_batches(data: torch.Tensor, batch: int, context: int, generator: torch.Generator) -> torch.Tensor:

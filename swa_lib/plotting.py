@@ -1,6 +1,6 @@
 """Every figure in the book, drawn the same way.
 
-Rules (STYLE.md): opaque white backgrounds so figures read in dark mode, labelled axes with
+Rules: opaque white backgrounds so figures read in dark mode, labelled axes with
 units, a colour-blind-safe palette (Okabe & Ito 2008), and sizes that draw in well under a
 second on a CPU. Functions return the matplotlib Figure so notebooks can display or save it.
 """

@@ -6,12 +6,13 @@ useful to attend to needs somewhere to put them. Evicting that token (a plain sl
 over the KV cache) then breaks the model; keeping a few initial tokens (*sinks*) next to the
 window repairs it. This module reproduces the pattern at toy scale on a 2-core CPU (a mild
 version of it: every head of layer 0 puts a quarter to a half of its attention on BOS and
-window-only eviction loses about 4%, not the collapse of a large model; chapter 10 reports the
-numbers and the variants tried).
+window-only eviction loses a few percent, not the collapse of a large model; chapter 10 reports
+the numbers, their spread over seeds and CPUs (``benchmarks/sinks_spread.py``) and the variants
+tried).
 
 1. :func:`train_demo_model` trains a :class:`~swa_lib.model.TinyLM` (4 layers, width 64, 8 heads
    of dimension 8, about 230k parameters) with full causal attention on BOS-prefixed windows of
-   32 tokens of Python's standard-library sources: AdamW, betas (0.9, 0.95), learning rate 1e-2,
+   32 tokens of the shipped corpus (:func:`swa_lib.model.corpus_text`): AdamW, betas (0.9, 0.95), learning rate 1e-2,
    weight decay 0.5, gradient clipping, 2400 steps (about 2.5 minutes with one torch thread on
    the 2-core CPU this was written on).
 2. :func:`first_token_attention` measures how much attention each layer and head puts on token 0.
@@ -31,7 +32,6 @@ import argparse
 import io
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from .dense import masked_softmax
 from .masks import AttentionPattern
 from .rope import apply_rope
-from .model import BOS, HELDOUT_FILES, ModelConfig, TinyLM, TrainConfig, encode, stdlib_text, train
-from .results import path as result_path
+from .model import BOS, HELDOUT_FILES, ModelConfig, TinyLM, TrainConfig, encode, corpus_text, train
+from .results import machine, path as result_path
 
 __all__ = [
     "DemoConfig",
@@ -54,7 +54,9 @@ __all__ = [
     "streaming_forward",
     "stream_with_caches",
     "run_demo",
+    "findings",
     "format_report",
+    "format_spread",
     "load_demo_model",
     "plot_attention_heads",
     "attention_by_key_kind",
@@ -91,13 +93,13 @@ def train_demo_model(cfg: DemoConfig = DemoConfig(), *, progress: bool = True):
     torch.manual_seed(cfg.train.seed)
     model = TinyLM(cfg.model)
     tcfg = TrainConfig(**{**asdict(cfg.train), "progress": progress})
-    history = train(model, stdlib_text(), tcfg)
+    history = train(model, corpus_text(), tcfg)
     return model, history
 
 
 def heldout_streams(cfg: DemoConfig) -> torch.Tensor:
     """``(streams, stream_len)`` held-out token streams, each starting with BOS."""
-    data = encode(stdlib_text(HELDOUT_FILES), bos=False)
+    data = encode(corpus_text(HELDOUT_FILES), bos=False)
     body = cfg.stream_len - 1
     if data.numel() < cfg.streams * body:
         raise ValueError(f"held-out text has {data.numel()} bytes, need {cfg.streams * body}")
@@ -308,6 +310,31 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, model: Optional[TinyLM] = None, 
     }
 
 
+def findings(result: dict) -> dict:
+    """The demonstration's claims as numbers, from :func:`run_demo`'s result.
+
+    Attention on BOS relative to the uniform share (layer 0's weakest head and its mean; the deeper
+    layers' mean and strongest head), and perplexity ratios minus one: window-only eviction against the
+    worst sink policy, recomputation without BOS against recomputation with it, original against
+    cache positions for 4 sinks, dense attention beyond the training length (a plain ratio), and
+    the largest deviation of any sink policy from recomputation with BOS.
+    """
+    mass, uniform, ppl = torch.tensor(result["first_token"]), result["uniform"], result["ppl"]
+    ref = ppl["recompute+BOS"]
+    sinks = [ppl[k] for k in ppl if k.startswith("sinks=") and k[len("sinks="):].isdigit()]
+    return {
+        "layer0_min_vs_uniform": round(float(mass[0].min()) / uniform, 3),
+        "layer0_mean_vs_uniform": round(float(mass[0].mean()) / uniform, 3),
+        "deeper_mean_vs_uniform": round(float(mass[1:].mean()) / uniform, 3),
+        "deeper_max_vs_uniform": round(float(mass[1:].max()) / uniform, 3),
+        "sinks_max_deviation": round(max(abs(p / ref - 1) for p in sinks), 4),
+        "window_vs_worst_sinks": round(ppl["window"] / max(sinks) - 1, 4),
+        "recompute_vs_recompute_bos": round(ppl["recompute"] / ref - 1, 4),
+        "original_vs_cache_positions": round(ppl["sinks=4, original positions"] / ppl["sinks=4"] - 1, 4),
+        "dense_vs_recompute_bos": round(ppl["dense"] / ref, 3),
+    }
+
+
 def format_report(result: dict, digits: int = 3) -> str:
     """The demonstration's table: first-token attention per layer/head, then perplexities."""
     mass = result["first_token"]
@@ -330,19 +357,24 @@ def save_demo(result: dict, cfg: DemoConfig) -> None:
     torch.save({"config": asdict(cfg.model), "state_dict": state}, result_path("sinks_model").with_suffix(".pt"))
     data = {k: v for k, v in result.items() if k != "model"}
     data["config"] = cfg.as_dict()
-    data["python"] = platform.python_version()  # the training and held-out text are this Python's stdlib
+    data["machine"] = machine()  # float results depend on the CPU's code path: say which one made them
     result_path("sinks_demo").write_text(json.dumps(data, indent=1))
 
 
-def load_demo_model() -> TinyLM:
-    """The model trained by ``python -m swa_lib.sinks --save`` (weights shipped in float16, loaded as float32)."""
+def load_demo_model(dtype: torch.dtype = torch.float64) -> TinyLM:
+    """The model trained by ``python -m swa_lib.sinks --save`` (weights shipped in float16).
+
+    Loaded in float64 by default: the evaluation then rounds far below the printed digits, so the
+    numbers the chapter prints are the same on every CPU (in float32 the dense perplexity already
+    moves in its fifth digit from one code path to another).
+    """
     p = result_path("sinks_model").with_suffix(".pt")
     if not p.exists():
         raise FileNotFoundError(f"no stored model at {p}; run python -m swa_lib.sinks --save")
-    blob = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu")
+    blob = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu", weights_only=True)  # tensors and plain data only
     model = TinyLM(ModelConfig(**blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 def plot_attention_heads(maps: list, layers=None, *, batch: int = 0, ncols: int = 4):
@@ -405,6 +437,39 @@ def format_variants(data: dict, digits: int = 1) -> str:
         loss = "  -  " if r.get("final_loss") is None else f"{r['final_loss']:.3f}"
         lines.append(f"{name:{width}s} | {min(l0):.2f}-{max(l0):.2f} | {rel(p['window']):>7s} | {rel(best):>7s} | "
                      f"{rel(p['recompute']):>7s} | {loss} | {r['seconds_train']:3.0f} s")
+    return "\n".join(lines)
+
+
+SPREAD_COLUMNS = (  # (findings key, header, as a percentage?)
+    ("layer0_mean_vs_uniform", "L0 mean", False),
+    ("layer0_min_vs_uniform", "L0 min", False),
+    ("deeper_mean_vs_uniform", "deeper", False),
+    ("window_vs_worst_sinks", "window", True),
+    ("recompute_vs_recompute_bos", "no BOS", True),
+    ("sinks_max_deviation", "sinks", True),
+    ("original_vs_cache_positions", "original", True),
+    ("dense_vs_recompute_bos", "dense", False),
+)
+
+
+def format_spread(data: dict) -> str:
+    """The retrainings of ``sinks_spread.json``, one line per (seed, numerics), then the range and
+    the mean +- standard deviation of every column (see :func:`findings` for what each one is)."""
+    def cell(x, pct):
+        return f"{100 * x:+.1f}%" if pct else f"{x:.2f}x"
+
+    def row(label, values):
+        return f"{label:14s}" + "".join(f"{v:>9s}" for v in values)
+
+    lines = [row("seed numerics", [h for _, h, _ in SPREAD_COLUMNS])]
+    for r in data["runs"]:
+        lines.append(row(f"{r['seed']:4d} {r['numerics']['name']}",
+                         [cell(r["findings"][k], pct) for k, _, pct in SPREAD_COLUMNS]))
+    summ = data["summary"]
+    lines.append(row("lowest", [cell(summ[k]["min"], pct) for k, _, pct in SPREAD_COLUMNS]))
+    lines.append(row("highest", [cell(summ[k]["max"], pct) for k, _, pct in SPREAD_COLUMNS]))
+    lines.append(row("mean", [cell(summ[k]["mean"], pct) for k, _, pct in SPREAD_COLUMNS]))
+    lines.append(row("std. deviation", [cell(summ[k]["stdev"], pct).lstrip("+") for k, _, pct in SPREAD_COLUMNS]))
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ The rest of the pattern of :mod:`swa_lib.masks` rides on top of the band:
   block that holds a global key visits every query block, and every key block also visits the
   gathered global queries that lie outside its band.
 
-Three layers (STYLE.md): private ``@triton.jit`` kernels; launchers (``_forward``,
+Three layers: private ``@triton.jit`` kernels; launchers (``_forward``,
 ``_backward``) that validate, allocate and compute the grid; and the public
 :class:`SlidingWindowAttentionFunction` (autograd) with the plain function
 :func:`triton_sliding_window_attention`. Importing this module imports Triton. Without a GPU the

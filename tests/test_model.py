@@ -132,3 +132,18 @@ def test_batches_start_with_bos():
     b = make_batches(data, 4, 10, torch.Generator().manual_seed(0))
     assert b.shape == (4, 11) and (b[:, 0] == BOS).all()
     assert ((b[:, 2:] - b[:, 1:-1]) == 1).all()  # consecutive bytes
+
+
+def test_training_corpus_is_shipped_and_the_same_on_every_python():
+    """The tiny LM's text comes from swa_lib/data, not from the running Python's standard library
+    (whose files change between versions), so stored results do not depend on the Python."""
+    import hashlib
+
+    from swa_lib.model import HELDOUT_FILES, TRAIN_FILES, corpus_text
+
+    digests = {files: hashlib.sha256(corpus_text(files).encode()).hexdigest()[:16]
+               for files in (TRAIN_FILES, HELDOUT_FILES)}
+    assert digests == {TRAIN_FILES: "02a0133ea94a4dbc", HELDOUT_FILES: "3102460238588683"}
+    assert not set(TRAIN_FILES) & set(HELDOUT_FILES)
+    with pytest.raises(ValueError, match="nope.py"):
+        corpus_text(["nope.py"])

@@ -129,7 +129,7 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_error_is_within_pytorch_own(dtype):
-    """Tolerance from STYLE.md: at most 2x the error PyTorch's SDPA makes in the same dtype."""
+    """The book's tolerance rule (AUTHORING.md): at most 2x the error PyTorch's SDPA makes in the same dtype."""
     q, k, v = make_qkv(1, 2, 64, 32, seed=10)
     window = (8, 8)
     exact = sdpa_peer(q, k, v, window)

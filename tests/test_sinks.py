@@ -3,7 +3,6 @@ and both the shipped model and a model trained here from the demo's seed show wh
 claims, with margins."""
 
 import math
-import sys
 
 import pytest
 import torch
@@ -92,46 +91,67 @@ def demo():
 
 def test_demo_reproduces_stored_numbers(demo):
     result, stored = demo
-    here = "%d.%d" % sys.version_info[:2]
-    if not stored["python"].startswith(here + "."):
-        pytest.skip(f"stored numbers come from Python {stored['python']}'s stdlib text; this is {here}")
     assert stored["config"]["train"]["context"] == DemoConfig().train.context
     for name, value in stored["ppl"].items():
         assert math.isclose(result["ppl"][name], value, rel_tol=1e-3), name
     torch.testing.assert_close(torch.tensor(result["first_token"]), torch.tensor(stored["first_token"]), rtol=0, atol=2e-3)
 
 
-def check_findings(result):
-    """What the demo shows (chapter 10): layer 0 leans on BOS, and evicting it costs clearly more
-    than keeping it, while sinks + window match recomputation; positions matter a lot."""
-    mass, uniform, ppl = torch.tensor(result["first_token"]), result["uniform"], result["ppl"]
-    # layer 0: every head puts at least 3x the uniform share on BOS (measured 4.1x-9.8x) ...
-    assert (mass[0] >= 3 * uniform).all(), mass[0]
-    # ... deeper layers do not: a third of uniform on average (measured 0.018 vs 0.056), no head
-    # above twice uniform (measured at most 0.080)
-    assert mass[1:].mean() < uniform / 3 and (mass[1:] < 2 * uniform).all(), mass[1:]
-    ref = ppl["recompute+BOS"]
-    # sinks + window (S = 1..4) stay within 1% of recomputation (measured within 0.2%)
-    for s in range(1, 5):
-        assert abs(ppl[f"sinks={s}"] / ref - 1) < 0.01, (s, ppl[f"sinks={s}"], ref)
-    # window-only eviction loses clearly against every sink policy (measured +4.2%)
-    worst_sinks = max(ppl[f"sinks={s}"] for s in range(1, 5))
-    assert ppl["window"] > 1.02 * worst_sinks, (ppl["window"], worst_sinks)
-    # so does recomputing the window without BOS (measured +4.8%)
-    assert ppl["recompute"] > 1.02 * ref
-    # keeping original positions puts the sinks far outside the trained distances (measured +70%)
-    assert ppl["sinks=4, original positions"] > 1.3 * ppl["sinks=4"]
-    # dense attention beyond the training length fails (distances never seen; measured 6.3x)
-    assert ppl["dense"] > 3 * ref
+#: What chapter 10 says of the stored model, as bounds on :func:`swa_lib.sinks.findings`. The
+#: stored weights are evaluated in float64, so these hold to many digits on any CPU.
+STORED_BOUNDS = {
+    "layer0_min_vs_uniform": (">", 4.0),  # every head of layer 0: 4 to 10 times uniform (4.10x)
+    "deeper_mean_vs_uniform": ("<", 0.34),  # deeper layers: a third of uniform (0.32x)
+    "deeper_max_vs_uniform": ("<", 1.5),  # no deeper head much above uniform (1.43x)
+    "sinks_max_deviation": ("<", 0.003),  # sinks within 0.2% of recompute+BOS (0.23%)
+    "window_vs_worst_sinks": (">", 0.04),  # window-only about 4% worse (4.2%)
+    "recompute_vs_recompute_bos": (">", 0.045),  # without BOS about 5% worse (4.8%)
+    "original_vs_cache_positions": (">", 0.65),  # original positions about 70% worse (69.6%)
+    "dense_vs_recompute_bos": (">", 6.0),  # dense more than 6 times worse (6.28x)
+}
+
+#: What every retraining shows. A model retrained on another machine is another model (float
+#: rounding differs, and 2400 steps amplify it), so each bound holds, with room to spare, for
+#: every run stored in sinks_spread.json (5 seeds, each with the default and
+#: with dev.py's other numerics), from which it was derived.
+RETRAINED_BOUNDS = {  # bound, then the range over the 10 stored retrainings
+    "layer0_mean_vs_uniform": (">", 3.0),  # layer 0 leans on BOS on average (4.05-7.61x) ...
+    "deeper_mean_vs_uniform": ("<", 0.75),  # ... the deeper layers do not (0.22-0.52x)
+    "sinks_max_deviation": ("<", 0.015),  # sinks + window stay next to recompute+BOS (0.1-0.9%)
+    "window_vs_worst_sinks": (">", 0.005),  # window-only loses against every sink policy (1.5-8.2%)
+    "recompute_vs_recompute_bos": (">", 0.005),  # and so does recomputing without BOS (1.5-7.9%)
+    "original_vs_cache_positions": (">", 0.3),  # original positions: far outside training (65-85%)
+    "dense_vs_recompute_bos": (">", 3.0),  # dense attention beyond the training length fails (5.2-7.1x)
+}
+
+
+def check_findings(result, bounds):
+    from swa_lib.sinks import findings
+
+    found = result["findings"] if "findings" in result else findings(result)
+    failed = {k: (found[k], op, bound) for k, (op, bound) in bounds.items()
+              if not (found[k] > bound if op == ">" else found[k] < bound)}
+    assert not failed, failed
+
+
+def test_retrained_bounds_hold_for_every_stored_retraining():
+    """The bounds are consistent with the measured spread they were derived from."""
+    from swa_lib.results import load
+
+    spread = load("sinks_spread")
+    assert len({r["seed"] for r in spread["runs"]}) >= 5
+    assert {r["numerics"]["name"] for r in spread["runs"]} == {"default", "other"}
+    for run in spread["runs"]:
+        check_findings(run, RETRAINED_BOUNDS)
 
 
 def test_demo_findings(demo):
-    check_findings(demo[0])
+    check_findings(demo[0], STORED_BOUNDS)
 
 
 def test_demo_trained_from_scratch_shows_the_findings():
     """The demonstration itself: train DemoConfig's model from its seed (about 2.5 minutes with one
-    thread on the 2-core machine the book is built on), then check the same findings."""
+    thread on the 2-core machine the book is built on), then check what every retraining shows."""
     from swa_lib.sinks import run_demo
 
     threads = torch.get_num_threads()
@@ -141,7 +161,7 @@ def test_demo_trained_from_scratch_shows_the_findings():
     finally:
         torch.set_num_threads(threads)
     print(f"trained in {result['seconds_train']} s, evaluated in {result['seconds_eval']} s: {result['ppl']}")
-    check_findings(result)
+    check_findings(result, RETRAINED_BOUNDS)
 
 
 def test_training_is_deterministic():
@@ -185,3 +205,19 @@ def test_value_norms_match_a_hand_computation():
             written = (v_h @ attn.wo.weight[:, head * d:(head + 1) * d].T).norm(dim=-1)  # (B, N)
             torch.testing.assert_close(out["bos"][0, head], written[:, 0].mean())
             torch.testing.assert_close(out["others"][0, head], written[:, 1:].mean())
+
+
+def test_shipped_weights_load_without_unpickling_code(monkeypatch):
+    """``torch.load`` of the package's .pt file must not run pickled code (weights_only=True)."""
+    from swa_lib.sinks import load_demo_model
+
+    seen, real_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    model = load_demo_model()
+    assert seen == [True]
+    assert next(model.parameters()).dtype == torch.float64  # evaluated in float64 by default

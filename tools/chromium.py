@@ -3,10 +3,11 @@
 
     python3 tools/chromium.py            print what was found (exit 1 if nothing)
     python3 tools/chromium.py --install  install Debian's chromium + chromium-driver if missing
+                                         (as root; .ci/run does this, the test command never does)
 
 The site test opens the built book in headless Chromium through chromedriver (Selenium). On
 Debian/Ubuntu both come from the distribution's packages ``chromium`` and ``chromium-driver``
-(apt-get; needs root or passwordless sudo). Elsewhere install Chromium or Chrome and a matching
+(apt-get, as root: run it with sudo yourself). Elsewhere install Chromium or Chrome and a matching
 chromedriver yourself and put them on PATH, or point ``SWA_CHROMIUM`` and ``SWA_CHROMEDRIVER`` at
 them. Nothing here downloads a browser from anywhere but the system's package manager.
 
@@ -54,15 +55,11 @@ def install(quiet: bool = True) -> tuple[bool, str]:
     apt = shutil.which("apt-get")
     if apt is None:
         return False, "apt-get not found: install Chromium and chromedriver with your system's package manager"
-    prefix: list[str] = []
     if hasattr(os, "geteuid") and os.geteuid() != 0:
-        sudo = shutil.which("sudo")
-        if sudo is None or subprocess.call([sudo, "-n", "true"], stderr=subprocess.DEVNULL) != 0:
-            return False, f"not root and no passwordless sudo: run `sudo apt-get install -y {' '.join(DEBIAN_PACKAGES)}`"
-        prefix = [sudo, "-n"]
+        return False, f"not root: run `sudo apt-get install -y {' '.join(DEBIAN_PACKAGES)}` (or this script with sudo)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     out = subprocess.DEVNULL if quiet else None
-    for cmd in ([*prefix, apt, "update", "-q"], [*prefix, apt, "install", "-y", "-q", *DEBIAN_PACKAGES]):
+    for cmd in ([apt, "update", "-q"], [apt, "install", "-y", "-q", *DEBIAN_PACKAGES]):
         print("+", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, env=env, stdout=out)
         if rc != 0:

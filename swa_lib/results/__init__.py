@@ -7,10 +7,12 @@ Benchmarks in ``benchmarks/`` write ``swa_lib/results/<name>.json``; chapters re
 from __future__ import annotations
 
 import json
+import os
+import platform
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["load", "path"]
+__all__ = ["load", "machine", "path"]
 
 
 def path(name: str) -> Path:
@@ -24,3 +26,20 @@ def load(name: str) -> dict:
     if not p.exists():
         raise FileNotFoundError(f"no stored result {name!r} at {p}; run the benchmark in benchmarks/ to make it")
     return json.loads(p.read_text())
+
+
+def machine() -> dict:
+    """Which machine made a result: CPU model, cores, torch and Python versions, torch threads.
+
+    Stored with every result, because float results (and timings) depend on the CPU's code path.
+    """
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version())

@@ -1,0 +1,49 @@
+"""Printing checked results in the chapters so that the printed text is the same on every machine.
+
+Two runs of the same float computation on different CPUs (another BLAS code path, another thread
+count) agree only to rounding, so a chapter that prints ``max error = 4.8e-07`` prints other digits
+elsewhere. The chapters print the claim instead: :func:`below` returns ``"< 1e-05"`` when the error
+is below the bound and raises when it is not (:func:`above` is its mirror), so the check is made on every run and the printed
+text does not depend on the last bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["above", "below", "max_error"]
+
+
+def max_error(a, b) -> float:
+    """``max |a - b|`` over all elements, as a Python float (NaN if either side has a NaN)."""
+    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    diff = (a.double() - b.double()).abs()
+    return math.nan if bool(diff.isnan().any()) else float(diff.max())
+
+
+def below(err, bound: float) -> str:
+    """``"< bound"`` for printing, after checking that ``err < bound``.
+
+    ``err`` is a number or a tensor (its largest element is taken). Raises ``AssertionError``
+    naming both values when the error is not below the bound (a NaN error never is).
+    """
+    if not (isinstance(bound, (int, float)) and bound > 0):
+        raise ValueError(f"bound must be a positive number, got {bound!r}")
+    value = float(torch.as_tensor(err).max()) if torch.is_tensor(err) else float(err)
+    if not value < bound:
+        raise AssertionError(f"error {value:.3g} is not below the bound {bound:g}")
+    return f"< {bound:g}"
+
+
+def above(value, bound: float) -> str:
+    """``"> bound"`` for printing, after checking that ``value > bound`` (the mirror of :func:`below`)."""
+    value = float(torch.as_tensor(value).min()) if torch.is_tensor(value) else float(value)
+    if not value > bound:
+        raise AssertionError(f"value {value:.3g} is not above the bound {bound:g}")
+    return f"> {bound:g}"

@@ -1,0 +1,32 @@
+"""swa_lib.report: the chapters print checked bounds, so the bound must really be checked."""
+
+import math
+
+import pytest
+import torch
+
+from swa_lib.report import above, below, max_error
+
+
+def test_max_error():
+    a = torch.tensor([1.0, 2.0, 3.0])
+    assert max_error(a, a) == 0.0
+    assert max_error(a, a + torch.tensor([0.0, -0.5, 0.25])) == 0.5
+    assert max_error(torch.empty(0, 3), torch.empty(0, 3)) == 0.0
+    assert math.isnan(max_error(a, torch.tensor([1.0, float("nan"), 3.0])))
+    with pytest.raises(ValueError, match=r"\(3,\) and \(2,\)"):
+        max_error(a, a[:2])
+
+
+def test_below_and_above_print_the_bound_and_check_it():
+    assert below(4.8e-7, 1e-5) == "< 1e-05"
+    assert below(torch.tensor([1e-9, 3e-6]), 1e-5) == "< 1e-05"
+    assert above(0.7, 0.1) == "> 0.1"
+    with pytest.raises(AssertionError, match="2e-05 is not below the bound 1e-05"):
+        below(2e-5, 1e-5)
+    with pytest.raises(AssertionError, match="not below"):
+        below(float("nan"), 1.0)
+    with pytest.raises(AssertionError, match="not above"):
+        above(torch.tensor([0.5, 0.05]), 0.1)
+    with pytest.raises(ValueError, match="bound must be a positive number, got -1"):
+        below(0.0, -1)

@@ -35,6 +35,8 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if dq != dk:
         raise ValueError(f"q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if dq == 0:
+        raise ValueError(f"the head dim D of q and k must be at least 1, got D=0: q {tuple(q.shape)}")
     if (hk, nk) != (hv, nv):
         raise ValueError(f"k and v must agree in heads and length: k {tuple(k.shape)}, v {tuple(v.shape)}")
     if hk == 0 or hq % hk != 0:
@@ -63,6 +65,12 @@ def _global_mask(global_tokens, batch: int, n: int, device) -> Optional[torch.Te
         return g.to(device)
     if g.dtype.is_floating_point or g.dtype.is_complex:
         raise TypeError(f"global_tokens must be a bool mask or integer indices, got dtype {g.dtype}")
+    if g.shape in ((batch, n), (n,)) and n > 2 and g.numel() and bool(((g == 0) | (g == 1)).all()):
+        # Integers of the mask's shape holding only 0 and 1: almost surely a 0/1 mask such as
+        # Hugging Face's global_attention_mask, which read as positions would mean tokens 0 and 1.
+        raise ValueError(f"global_tokens is an integer tensor of shape {tuple(g.shape)} holding only 0 and 1: "
+                         "for a 0/1 mask (e.g. Hugging Face's global_attention_mask) pass global_tokens=mask.bool(); "
+                         "integer global_tokens are positions")
     if g.ndim == 1:
         g = g[None].expand(batch, -1)
     if g.ndim != 2 or g.shape[0] != batch:
@@ -156,12 +164,25 @@ def sliding_window_attention(
             A named backend that cannot run the call raises instead of falling back.
 
     Returns:
-        ``(B, H, N_q, D_v)`` in the dtype of ``q``.
+        ``(B, H, N_q, D_v)`` in the dtype of ``q``; empty (no backend runs) when ``B``, ``H``,
+        ``N_q`` or ``D_v`` is 0, as with PyTorch's SDPA.
 
     Raises:
         TypeError / ValueError naming the offending value for malformed input.
     """
     pattern, scale = validate_call(q, k, v, window, dilation=dilation, global_tokens=global_tokens,
                                    sinks=sinks, scale=scale)
-    chosen = choose_backend(backend, q, k, pattern)
+    chosen = choose_backend(backend, q, k, pattern, v)
+    batch, heads, n_q, d_v = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+    if 0 in (batch, heads, n_q, d_v):  # nothing to compute: an empty result, as PyTorch's SDPA gives
+        return _empty_result(q, k, v)
     return chosen.fn(q, k, v, pattern, scale)
+
+
+def _empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N_q, D_v)`` with at least one zero extent, still connected to q, k, v for autograd
+    (their gradients come out as zeros of their own shapes)."""
+    out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out = out + 0 * (q.sum() + k.sum() + v.sum())
+    return out

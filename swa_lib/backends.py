@@ -100,9 +100,14 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern) -> Backend:
-    """Resolve ``name`` (or ``"auto"``) to a backend that can run this call, or raise."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern,
+                   v: Optional[torch.Tensor] = None) -> Backend:
+    """Resolve ``name`` (or ``"auto"``) to a backend that can run this call, or raise.
+
+    Pass ``v`` too when it may require grad: a gradient needed by any of q, k, v rules out the
+    backends without autograd.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
     if name == "auto":
         n_k = k.shape[2]
         band = min(pattern.left, n_k - 1) + min(pattern.right, n_k - 1) + 1

@@ -162,7 +162,8 @@ def chunked_band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain band attention by sliding chunks; returns ``(out, lse)`` like
-    :func:`swa_lib.blocked.band_attention` (same shapes and conventions)."""
+    :func:`swa_lib.blocked.band_attention` (same shapes and conventions: half-precision inputs
+    are computed in float32, ``out`` comes back in q's dtype and ``lse`` in float32)."""
     batch, heads, n_q, _ = q.shape
     n_k, d_v = k.shape[2], v.shape[3]
     if n_q == 0:
@@ -171,9 +172,10 @@ def chunked_band_attention(
     left, right = min(left, n_k - 1), min(right, n_k - 1)
     w = max(left, right, 1)
     n_pad = max(2 * w, -(-n_k // w) * w)
-    k, v = expand_kv(k, heads), expand_kv(v, heads)  # (B, H, n_k, D)
+    acc = torch.promote_types(q.dtype, torch.float32)  # float16/bfloat16 scores overflow: use float32
+    k, v = expand_kv(k, heads).to(acc), expand_kv(v, heads).to(acc)  # (B, H, n_k, D)
     # Queries are the last n_q positions: pad them at the front to the full length.
-    qp = F.pad(q * scale, (0, 0, offset, n_pad - n_k)).reshape(batch * heads, n_pad, -1)
+    qp = F.pad(q.to(acc) * scale, (0, 0, offset, n_pad - n_k)).reshape(batch * heads, n_pad, -1)
     kp = F.pad(k, (0, 0, 0, n_pad - n_k)).reshape(batch * heads, n_pad, -1)
     vp = F.pad(v, (0, 0, 0, n_pad - n_k)).reshape(batch * heads, n_pad, -1)
     scores = sliding_chunks_scores(qp, kp, w)  # (BH, n_pad, 2w+1)
@@ -182,7 +184,7 @@ def chunked_band_attention(
     # log-sum-exp without a second pass of exp: P at the arg max equals exp(S_max - lse)
     lse = scores.amax(-1) - torch.log(probs.amax(-1))  # (BH, n_pad)
     out = sliding_chunks_values(probs, vp, w)  # (BH, n_pad, Dv)
-    out = out.reshape(batch, heads, n_pad, d_v)[:, :, offset:n_k]
+    out = out.reshape(batch, heads, n_pad, d_v)[:, :, offset:n_k].to(q.dtype)
     return out, lse.reshape(batch, heads, n_pad)[:, :, offset:n_k]
 
 

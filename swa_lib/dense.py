@@ -50,14 +50,16 @@ def dense_attention(
     """Masked full attention: ``softmax(mask(Q K^T * scale)) V``.
 
     Shapes as in :func:`swa_lib.sliding_window_attention`. Builds the full
-    ``(B, H, N_q, N_k)`` score matrix: O(N^2) time and memory.
+    ``(B, H, N_q, N_k)`` score matrix: O(N^2) time and memory. Half-precision inputs are computed
+    in float32 (large scores would overflow float16) and the output is rounded back once.
     """
     heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
-    k, v = expand_kv(k, heads), expand_kv(v, heads)  # (B, H, N_k, D)
+    acc = torch.promote_types(q.dtype, torch.float32)  # float16/bfloat16: scores and sums in float32
+    k, v = expand_kv(k, heads).to(acc), expand_kv(v, heads).to(acc)  # (B, H, N_k, D)
     mask = pattern.mask(n_q, n_k, num_heads=heads, device=q.device)  # (B|1, H|1, N_q, N_k)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, N_q, N_k)
+    scores = torch.matmul(q.to(acc), k.transpose(-2, -1)) * scale  # (B, H, N_q, N_k)
     weights = masked_softmax(scores, mask)  # (B, H, N_q, N_k)
-    return torch.matmul(weights, v)  # (B, H, N_q, D_v)
+    return torch.matmul(weights, v).to(q.dtype)  # (B, H, N_q, D_v), rounded once
 
 
 def sdpa_attention(

@@ -108,7 +108,8 @@ def extended_attention(band_fn: BandFn, q, k, v, pattern: AttentionPattern, scal
             kc, vc = k[b].index_select(1, cols), v[b].index_select(1, cols)  # (H_kv, G, D)
             if group > 1:
                 kc, vc = kc.index_select(0, kv_all), vc.index_select(0, kv_all)  # (H, G, D)
-            s = torch.matmul(q[b].to(kc.dtype), kc.transpose(-1, -2)) * scale  # (H, n_q, G)
+            # scores in the band's dtype (float32 for half inputs): float16 q.k overflows long before exp does
+            s = torch.matmul(q[b].to(lse_band.dtype), kc.to(lse_band.dtype).transpose(-1, -2)) * scale  # (H, n_q, G)
             delta = qpos[:, None] - cols[None, :]  # (n_q, G): i - j
             in_band = (delta <= left) & (-delta <= right) & (delta[None] % dil == 0)  # (H, n_q, G)
             allowed = is_global[cols][None, None, :] | ((cols < pattern.sinks)[None, :] & (-delta <= right))[None]
@@ -124,9 +125,10 @@ def extended_attention(band_fn: BandFn, q, k, v, pattern: AttentionPattern, scal
             kf, vf = k[b], v[b]  # (H_kv, n_k, D)
             if group > 1:
                 kf, vf = kf.index_select(0, kv_all), vf.index_select(0, kv_all)  # (H, n_k, D)
-            s = torch.matmul(q[b][:, g_rows], kf.transpose(-1, -2)) * scale  # (H, Gq, n_k)
+            acc = lse_band.dtype  # float32 for half inputs, as for the extra columns
+            s = torch.matmul(q[b][:, g_rows].to(acc), kf.to(acc).transpose(-1, -2)) * scale  # (H, Gq, n_k)
             p = torch.softmax(s, dim=-1)
-            o_g = torch.matmul(p, vf).to(o_b.dtype)  # (H, Gq, Dv)
+            o_g = torch.matmul(p, vf.to(acc)).to(o_b.dtype)  # (H, Gq, Dv)
             o_b = o_b.index_put((torch.arange(heads, device=q.device)[:, None], g_rows[None, :]), o_g)
         rows.append(o_b)
     out = rows[0][None] if batch == 1 else torch.stack(rows)

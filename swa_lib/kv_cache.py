@@ -55,7 +55,14 @@ def unrotate(buffer: torch.Tensor, seen: int) -> torch.Tensor:
 
 
 class _CacheBase:
-    """Shared validation for the caches: fixed batch, heads, head dim, dtype and device."""
+    """Shared validation for the caches: fixed batch, heads, head dim, dtype and device.
+
+    Every cache stores *detached* copies of the keys and values it is given. What ``update``
+    returns still carries the new tokens' autograd history (gradients reach this update's keys
+    and values), but not that of tokens cached by earlier updates, as in Transformer-XL's
+    memory. Otherwise a cache fed keys that require grad would keep every step's graph alive and
+    grow without bound while its buffers stay the same size.
+    """
 
     def __init__(self, batch: int, heads_kv: int, capacity: int, head_dim: int, *, dtype, device):
         for name, value in (("batch", batch), ("heads_kv", heads_kv), ("head_dim", head_dim)):
@@ -168,8 +175,8 @@ class RollingKVCache(_CacheBase):
         keep = min(c, self.window)
         pos = torch.arange(self.seen + c - keep, self.seen + c, device=self.device)
         slots = pos % self.window  # (keep,), all distinct
-        self.k[:, :, slots] = k[:, :, c - keep:]
-        self.v[:, :, slots] = v[:, :, c - keep:]
+        self.k[:, :, slots] = k[:, :, c - keep:].detach()  # stored detached: no autograd history kept
+        self.v[:, :, slots] = v[:, :, c - keep:].detach()
         self.seen += c
         return k_ctx, v_ctx
 
@@ -250,11 +257,12 @@ class SinkKVCache(_CacheBase):
         # Store: the first S tokens of the stream go to the sinks, the rest to the ring.
         for i in range(c):
             p = self.seen + i
+            k_i, v_i = k[:, :, i].detach(), v[:, :, i].detach()  # stored without autograd history
             if p < self.sinks:
-                self.sink_k[:, :, p], self.sink_v[:, :, p] = k[:, :, i], v[:, :, i]
+                self.sink_k[:, :, p], self.sink_v[:, :, p] = k_i, v_i
             else:
                 slot = (p - self.sinks) % self.recent
-                self.ring_k[:, :, slot], self.ring_v[:, :, slot] = k[:, :, i], v[:, :, i]
+                self.ring_k[:, :, slot], self.ring_v[:, :, slot] = k_i, v_i
         self.seen += c
         L = k_ctx.shape[2]
         if self.positions == "cache":
@@ -287,8 +295,10 @@ class FullKVCache(_CacheBase):
             new_k, new_v = self._alloc(size), self._alloc(size)
             new_k[:, :, : self.seen], new_v[:, :, : self.seen] = self.k[:, :, : self.seen], self.v[:, :, : self.seen]
             self.k, self.v = new_k, new_v
-        self.k[:, :, self.seen:need], self.v[:, :, self.seen:need] = k, v
-        self.seen = need
+        self.k[:, :, self.seen:need], self.v[:, :, self.seen:need] = k.detach(), v.detach()
+        old, self.seen = self.seen, need
+        if k.requires_grad or v.requires_grad:  # hand back the new tokens with their history
+            return torch.cat([self.k[:, :, :old], k], dim=2), torch.cat([self.v[:, :, :old], v], dim=2)
         return self.k[:, :, :need], self.v[:, :, :need]
 
 

@@ -213,6 +213,12 @@ class TinyLM(nn.Module):
         if caches is not None:
             if len(caches) != self.cfg.layers:
                 raise ValueError(f"need one cache per layer ({self.cfg.layers}), got {len(caches)}")
+            shared = [i for i, c in enumerate(caches) if any(c is d for d in caches[:i])]
+            if shared:  # e.g. [cache] * layers: every layer would write into the same buffers
+                raise ValueError(f"each layer needs its own cache, but the caches of layers {shared} are objects "
+                                 "already given for an earlier layer; build them with model.new_caches(...)")
+            if any(c.seen != caches[0].seen for c in caches):
+                raise ValueError(f"the caches have seen different numbers of tokens: {[c.seen for c in caches]}")
             if caches[0].seen != start:
                 raise ValueError(f"start={start} but the caches have seen {caches[0].seen} tokens")
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)

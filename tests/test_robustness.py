@@ -1,0 +1,122 @@
+"""Inputs that break naive implementations: large scores in half precision."""
+
+import pytest
+import torch
+
+import swa_lib
+from swa_lib import AttentionPattern
+
+CPU_BACKENDS = ["loop", "dense", "sdpa", "chunked", "blocked", "auto"]
+
+
+def _large_qkv(dtype, n=24, d=16, seed=0):
+    """q, k with norms of about 700, so q.k reaches 4.9e5 (float16 overflows at 65504) while the
+    scaled logits (d ** -0.5 = 0.25) stay near 1.2e5 apart: softmax is still well defined."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, n, d, generator=gen, dtype=torch.float64)
+    q = q / q.norm(dim=-1, keepdim=True) * 700
+    k = q.clone()  # every query has one key along itself: the largest score, overflowing in fp16
+    v = torch.randn(1, 2, n, d, generator=gen, dtype=torch.float64)
+    return tuple(x.to(dtype) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("extra", ["plain", "sinks", "global"])
+def test_half_precision_scores_do_not_overflow(dtype, backend, extra):
+    q, k, v = _large_qkv(dtype)
+    kwargs = {}
+    if extra == "sinks":
+        kwargs["sinks"] = 2
+    elif extra == "global":
+        g = torch.zeros(1, q.shape[2], dtype=torch.bool)
+        g[0, [3, 17]] = True
+        kwargs["global_tokens"] = g
+    pattern = AttentionPattern(4, 0, **kwargs)
+    out = swa_lib.sliding_window_attention(q, k, v, (4, 0), backend=backend, **kwargs)
+    exact = swa_lib.loop_attention(q.double(), k.double(), v.double(), pattern, q.shape[-1] ** -0.5)
+    assert out.dtype == dtype and torch.isfinite(out).all(), f"{backend}: non-finite output"
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=2 * torch.finfo(dtype).eps * 8)
+
+
+@pytest.mark.parametrize("kind", ["rolling", "sink", "full"])
+def test_caches_keep_no_autograd_history(kind):
+    """Keys that require grad must not chain every decoding step into one growing graph."""
+    from swa_lib.kv_cache import FullKVCache, RollingKVCache, SinkKVCache
+
+    make = {"rolling": lambda: RollingKVCache(1, 2, 4, 8), "sink": lambda: SinkKVCache(1, 2, 4, 8, sinks=1),
+            "full": lambda: FullKVCache(1, 2, 8, initial=2)}[kind]
+    cache = make()
+    w = torch.randn(8, 8, requires_grad=True)
+    for step in range(12):
+        x = torch.randn(1, 2, 1, 8)
+        k, v = x @ w, x @ w.T
+        out = cache.update(k, v)
+        new_k = out[0][:, :, -1:]
+        assert new_k.requires_grad  # this update's keys keep their history ...
+        for t in cache.tensors():  # ... the stored buffers never do
+            assert not t.requires_grad and t.grad_fn is None, (step, t.grad_fn)
+
+
+def test_a_backend_without_autograd_is_refused_when_only_v_needs_a_gradient(monkeypatch):
+    """A gradient for v alone is still a gradient: a backend registered with autograd=False must
+    not be chosen (by name it raises; "auto" passes it over), or v's gradient would be lost."""
+    from swa_lib import backends
+
+    def no_grad_fn(q, k, v, pattern, scale):
+        with torch.no_grad():
+            return swa_lib.dense_attention(q, k, v, pattern, scale)
+
+    monkeypatch.setitem(backends.BACKENDS, "nograd",
+                        backends.Backend("nograd", no_grad_fn, priority=10_000, autograd=False))
+    q, k = torch.randn(2, 1, 2, 6, 4).unbind(0)
+    v = torch.randn(1, 2, 6, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="does not support autograd"):
+        swa_lib.sliding_window_attention(q, k, v, (2, 0), backend="nograd")
+    out = swa_lib.sliding_window_attention(q, k, v, (2, 0))  # auto: passes over "nograd"
+    out.sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shapes", [
+    ((0, 2, 5, 4), (0, 2, 5, 4), (0, 2, 5, 4)),  # empty batch
+    ((1, 2, 0, 4), (1, 2, 0, 4), (1, 2, 0, 4)),  # empty sequence
+    ((1, 2, 0, 4), (1, 1, 7, 4), (1, 1, 7, 4)),  # no queries against a cache of 7 keys
+    ((1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 0)),  # empty value dim
+], ids=["B=0", "N=0", "N_q=0", "D_v=0"])
+def test_empty_inputs_give_empty_outputs_and_zero_gradients(backend, shapes):
+    q, k, v = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes)
+    out = swa_lib.sliding_window_attention(q, k, v, (2, 0), sinks=1, backend=backend)
+    assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
+def test_head_dim_zero_is_rejected_with_a_message():
+    q = torch.randn(1, 2, 5, 0)
+    with pytest.raises(ValueError, match="head dim D of q and k must be at least 1, got D=0"):
+        swa_lib.sliding_window_attention(q, q, torch.randn(1, 2, 5, 3), (2, 0))
+
+
+def test_an_integer_01_mask_for_global_tokens_is_not_read_as_positions():
+    q = torch.randn(2, 1, 8, 4)
+    hf_mask = torch.zeros(2, 8, dtype=torch.long)  # Hugging Face's global_attention_mask format
+    hf_mask[:, 3] = 1
+    with pytest.raises(ValueError, match=r"pass global_tokens=mask.bool\(\)"):
+        swa_lib.sliding_window_attention(q, q, q, (1, 1), global_tokens=hf_mask)
+    as_bool = swa_lib.sliding_window_attention(q, q, q, (1, 1), global_tokens=hf_mask.bool())
+    as_positions = swa_lib.sliding_window_attention(q, q, q, (1, 1), global_tokens=torch.tensor([3]))
+    torch.testing.assert_close(as_bool, as_positions)
+
+
+def test_one_cache_object_for_several_layers_is_rejected():
+    from swa_lib.model import ModelConfig, TinyLM
+
+    torch.manual_seed(0)
+    model = TinyLM(ModelConfig(dim=16, heads=2, heads_kv=2, windows=(4, 4, 4))).eval()
+    tokens = torch.randint(0, 256, (1, 6))
+    (cache,) = model.new_caches(1)[:1]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"layers \[1, 2\] are objects already given"):
+        model(tokens, caches=[cache] * 3)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .backends import choose_backend
-from .masks import AttentionPattern, check_window
+from .masks import UNBOUNDED, AttentionPattern, check_window
 
 __all__ = ["sliding_window_attention", "make_pattern", "validate_call"]
 
@@ -95,6 +96,8 @@ def make_pattern(
 ) -> AttentionPattern:
     """Validate the pattern arguments of :func:`sliding_window_attention` and build the pattern."""
     left, right = check_window(window)
+    if isinstance(dilation, (str, bytes)):
+        raise TypeError(f"dilation must be an int or a sequence of ints (one per query head), got {dilation!r}")
     if not isinstance(dilation, int) and isinstance(dilation, Sequence) and len(dilation) != heads:
         raise ValueError(f"dilation per head needs {heads} entries (one per query head), got {len(dilation)}")
     g = None
@@ -104,7 +107,18 @@ def make_pattern(
         g = _global_mask(global_tokens, batch, n, device)
         if g is not None and not bool(g.any()):
             g = None  # an empty set of global tokens is no global tokens
-    return AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)
+    pattern = AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)  # validates
+    return pattern if n is None else _within_sequence(pattern, n)
+
+
+def _within_sequence(p: AttentionPattern, n: int) -> AttentionPattern:
+    """The same pattern with sizes no sequence can tell apart cut down: windows and sinks to
+    ``UNBOUNDED`` (2**62, so masks stay int64), a dilation to ``n`` (for ``d >= n`` a query sees
+    only itself inside the window, whatever ``d`` is). 2**64 or 10**7 then cost what ``n`` costs."""
+    cap = max(n, 1)
+    dilation = min(p.dilation, cap) if isinstance(p.dilation, int) else tuple(min(d, cap) for d in p.dilation)
+    return AttentionPattern(min(p.left, UNBOUNDED), min(p.right, UNBOUNDED), dilation=dilation,
+                            sinks=min(p.sinks, UNBOUNDED), global_tokens=p.global_tokens)
 
 
 def validate_call(q, k, v, window, *, dilation=1, global_tokens=None, sinks=0, scale=None):
@@ -116,7 +130,7 @@ def validate_call(q, k, v, window, *, dilation=1, global_tokens=None, sinks=0, s
     _check_qkv(q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     pattern = make_pattern(
         window,

@@ -16,7 +16,8 @@ import torch
 
 from .masks import AttentionPattern
 
-__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "choose_backend", "BACKENDS"]
+__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "choose_backend", "BACKENDS",
+           "refuse_double_backward"]
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionPattern, float], torch.Tensor]
 
@@ -133,3 +134,17 @@ def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: Attenti
     if needs_grad and not backend.autograd:
         raise ValueError(f"backend {name!r} does not support autograd; call it under torch.no_grad()")
     return backend
+
+
+def refuse_double_backward(backend: str) -> None:
+    """Call first in the ``backward`` of a hand-written ``autograd.Function``.
+
+    Grad mode is on inside ``backward`` only under ``create_graph=True`` (a gradient penalty, a
+    Hessian-vector product). Such a backward computes first-order gradients with no graph behind
+    them, so the second-order term would be dropped without a word: raise instead.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend {backend!r} has no double backward (torch.autograd.grad(..., create_graph=True)); "
+            "use backend='dense', 'sdpa', 'chunked' or 'loop', whose gradients are ordinary autograd"
+        )

@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .backends import refuse_double_backward
 from .masks import AttentionPattern
 
 __all__ = ["blocked_attention", "band_attention", "DEFAULT_BLOCK_SIZE"]
@@ -252,6 +253,7 @@ class _BandFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
+        refuse_double_backward("blocked")
         qs, kp, vp, out = ctx.saved_tensors
         plan, masks, scale, group = ctx.plan, ctx.masks, ctx.scale, ctx.group
         batch, heads, nb, bq, d = qs.shape

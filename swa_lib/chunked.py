@@ -175,9 +175,10 @@ def chunked_band_attention(
     acc = torch.promote_types(q.dtype, torch.float32)  # float16/bfloat16 scores overflow: use float32
     k, v = expand_kv(k, heads).to(acc), expand_kv(v, heads).to(acc)  # (B, H, n_k, D)
     # Queries are the last n_q positions: pad them at the front to the full length.
-    qp = F.pad(q.to(acc) * scale, (0, 0, offset, n_pad - n_k)).reshape(batch * heads, n_pad, -1)
-    kp = F.pad(k, (0, 0, 0, n_pad - n_k)).reshape(batch * heads, n_pad, -1)
-    vp = F.pad(v, (0, 0, 0, n_pad - n_k)).reshape(batch * heads, n_pad, -1)
+    # contiguous: chunk() builds overlapping views by strides (inputs may be (B, N, H, D) transposed)
+    qp = F.pad(q.to(acc) * scale, (0, 0, offset, n_pad - n_k)).reshape(batch * heads, n_pad, -1).contiguous()
+    kp = F.pad(k, (0, 0, 0, n_pad - n_k)).reshape(batch * heads, n_pad, -1).contiguous()
+    vp = F.pad(v, (0, 0, 0, n_pad - n_k)).reshape(batch * heads, n_pad, -1).contiguous()
     scores = sliding_chunks_scores(qp, kp, w)  # (BH, n_pad, 2w+1)
     scores = scores.masked_fill(~_band_mask(n_k, n_pad, w, left, right, q.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # (BH, n_pad, 2w+1); finite: every row sees a key

@@ -64,6 +64,15 @@ def dilated_band(band_fn: BandFn, q, k, v, left: int, right: int, scale: float, 
         else:
             h_idx = torch.tensor(hs, device=q.device)
             qd, kd, vd = q.index_select(1, h_idx), _kv_heads(k, hs, group), _kv_heads(v, hs, group)
+        if d >= n_k:  # no other key is a multiple of d away: inside the window each query sees only itself
+            kq = kd.repeat_interleave(qd.shape[1] // kd.shape[1], dim=1)[:, :, offset:]
+            vq = vd.repeat_interleave(qd.shape[1] // vd.shape[1], dim=1)[:, :, offset:]
+            acc = torch.promote_types(q.dtype, torch.float32)
+            if lse is None:
+                lse = q.new_zeros(batch, heads, n_q, dtype=acc)
+            out[:, h_idx] = vq.to(out.dtype)
+            lse[:, h_idx] = (qd.to(acc) * kq.to(acc)).sum(-1) * scale
+            continue
         for r in range(d):
             first_q = (r - offset) % d  # first query row whose position (row + offset) is = r mod d
             q_r, k_r, v_r = qd[:, :, first_q::d], kd[:, :, r::d], vd[:, :, r::d]

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .backends import refuse_double_backward
 from .masks import AttentionPattern
 
 __all__ = [
@@ -785,8 +786,8 @@ class SlidingWindowAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward
     def backward(ctx, do):
+        refuse_double_backward("triton")  # once_differentiable alone lets create_graph=True pass silently
         q, k, v, out, lse = ctx.saved_tensors
         with _on_device(q):
             dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.prep)

@@ -120,3 +120,76 @@ def test_one_cache_object_for_several_layers_is_rejected():
     (cache,) = model.new_caches(1)[:1]
     with torch.no_grad(), pytest.raises(ValueError, match=r"layers \[1, 2\] are objects already given"):
         model(tokens, caches=[cache] * 3)
+
+
+@pytest.mark.parametrize("backend", ["loop", "dense", "sdpa", "chunked", "blocked"])
+def test_double_backward_works_or_raises(backend):
+    """A gradient penalty needs create_graph=True; a backend either supports it exactly or says
+    it does not. Silently returning first-order gradients without a graph is the one wrong answer."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
+
+    def penalty(name):
+        out = swa_lib.sliding_window_attention(q, k, v, (3, 1), backend=name)
+        (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+        return torch.autograd.grad(gq.square().sum(), v)[0]
+
+    if backend == "blocked":
+        with pytest.raises(RuntimeError, match="backend 'blocked' has no double backward"):
+            penalty(backend)
+    elif backend == "sdpa":  # PyTorch's fused CPU kernel says so itself
+        with pytest.raises(RuntimeError, match="not implemented"):
+            penalty(backend)
+    else:
+        torch.testing.assert_close(penalty(backend), penalty("dense"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("n,window", [(64, (8, 8)), (37, (5, 0)), (48, (16, 16))])
+def test_hugging_face_layout_views(backend, batch, n, window):
+    """(B, N, H, D) tensors transposed to (B, H, N, D), the views Hugging Face models hold."""
+    x = torch.randn(batch, n, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    view = x.transpose(1, 2)
+    assert not view.is_contiguous()
+    out = swa_lib.sliding_window_attention(view, view, view, window, backend=backend)
+    ref = swa_lib.sliding_window_attention(view.contiguous(), view.contiguous(), view.contiguous(), window, backend="dense")
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sizes_beyond_the_sequence_behave_like_the_sequence(backend):
+    """Windows and sinks of 2**64 and a dilation of 10**7 see what sequence-sized ones see, quickly
+    (they used to overflow int64, or loop over every residue for minutes)."""
+    import time
+
+    q, k, v = (torch.randn(1, 4, 30, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+               for s in range(3))
+    cases = [
+        (dict(window=(2**64, 2**64)), dict(window=(30, 30))),
+        (dict(window=(3, 0), sinks=2**64), dict(window=(3, 0), sinks=30)),
+        (dict(window=(6, 2), dilation=10**7), dict(window=(6, 2), dilation=30)),
+        (dict(window=(6, 2), dilation=(1, 10**7, 2, 2**40)), dict(window=(6, 2), dilation=(1, 30, 2, 30))),
+    ]
+    for huge, same in cases:
+        start = time.perf_counter()
+        a = swa_lib.sliding_window_attention(q, k, v, backend=backend, **huge)
+        assert time.perf_counter() - start < 10, huge
+        b = swa_lib.sliding_window_attention(q, k, v, backend=backend, **same)
+        torch.testing.assert_close(a, b, msg=str(huge))
+    # a dilation of at least n: inside the window each query sees only itself
+    only_self = swa_lib.sliding_window_attention(q, k, v, (6, 2), dilation=30, backend=backend)
+    torch.testing.assert_close(only_self, v)
+
+
+def test_numpy_scales_and_string_dilations():
+    import numpy as np
+
+    q = torch.randn(1, 2, 6, 4)
+    ref = swa_lib.sliding_window_attention(q, q, q, (2, 0), scale=0.5)
+    for scale in (np.float32(0.5), np.float64(0.5), np.int64(1) / 2):
+        torch.testing.assert_close(swa_lib.sliding_window_attention(q, q, q, (2, 0), scale=scale), ref)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        swa_lib.sliding_window_attention(q, q, q, (2, 0), scale=np.float32("nan"))
+    with pytest.raises(TypeError, match="dilation must be an int or a sequence of ints .* got '2'"):
+        swa_lib.sliding_window_attention(q, q, q, (2, 0), dilation="2")

@@ -24,7 +24,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swa_lib import UNBOUNDED, AttentionPattern, dense_attention, loop_attention, sliding_window_attention
+from swa_lib import UNBOUNDED, AttentionPattern, dense_attention, loop_attention, sdpa_attention, sliding_window_attention
 from swa_lib.backends import choose_backend
 
 if importlib.util.find_spec("triton") is None:
@@ -143,13 +143,25 @@ def test_matches_loop_oracle():
 
 @interpreter
 @pytest.mark.interpreter
+def test_double_backward_raises_instead_of_dropping_the_second_order_term():
+    q, k, v = _inputs(1, 2, 1, 19, 16, torch.float32, seed=8)
+    out = sliding_window_attention(q, k, v, (4, 0), backend="triton")
+    with pytest.raises(RuntimeError, match="backend 'triton' has no double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    (gq,) = torch.autograd.grad(sliding_window_attention(q, k, v, (4, 0), backend="triton").sum(), q)
+    assert gq.shape == q.shape  # first-order gradients are unaffected
+
+
+@interpreter
+@pytest.mark.interpreter
 def test_fp16_within_pytorch_error():
     """fp16: error vs float64 within 2x (forward) / 3x (gradients) of PyTorch's own fp16 error."""
     pattern = AttentionPattern(7, 3, sinks=1)
     q, k, v = _inputs(1, 2, 1, 37, 16, torch.float16, seed=5)
     grad = torch.randn(1, 2, 37, 16, generator=torch.Generator().manual_seed(6))
     ref = _run(lambda q, k, v: dense_attention(q, k, v, pattern, 0.25), q.double(), k.double(), v.double(), grad)
-    torch_fp16 = _run(lambda q, k, v: dense_attention(q, k, v, pattern, 0.25), q, k, v, grad)
+    # PyTorch's own fp16 attention (SDPA with the pattern's mask; swa_lib's dense path sums in fp32)
+    torch_fp16 = _run(lambda q, k, v: sdpa_attention(q, k, v, pattern, 0.25), q, k, v, grad)
     ours = _run(lambda q, k, v: tk.triton_attention(q, k, v, pattern, 0.25), q, k, v, grad)
     assert ours[0].dtype == torch.float16 and all(g.dtype == torch.float16 for g in ours[1])
     budget = [2, 3, 3, 3]
@@ -364,7 +376,6 @@ def test_gpu_low_precision_within_pytorch_error(case, dtype):
     q, k, v = _inputs(b, h, h_kv, n, d, dtype, seed=11)
     grad = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(12))
     scale = d**-0.5
-    from swa_lib import sdpa_attention
 
     ref = _run(lambda q, k, v: dense_attention(q, k, v, pattern, scale), q.double(), k.double(), v.double(), grad.cuda())
     peer = _run(lambda q, k, v: sdpa_attention(q, k, v, pattern, scale), q, k, v, grad.cuda())

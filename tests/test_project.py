@@ -83,6 +83,20 @@ def test_every_chapter_is_in_the_toc_and_vice_versa():
     assert listed == on_disk
 
 
+#: Words of the project's own process, which mean nothing to a reader of the book.
+INTERNAL_WORDS = re.compile(r"syllabus|content contract|STYLE\.md|DESIGN\.md|the issue's|targets \(|targets:", re.I)
+
+
+def _assert_reader_words(name: str, texts: list) -> None:
+    found = [m.group(0) for t in texts for m in INTERNAL_WORDS.finditer(t if isinstance(t, str) else "".join(t))]
+    assert not found, f"{name} shows readers internal words: {found}"
+
+
+def test_reader_pages_use_reader_words():
+    for page in sorted((ROOT / "book").glob("*.md")):
+        _assert_reader_words(page.name, [page.read_text()])
+
+
 @pytest.mark.parametrize("path", _chapters(), ids=lambda p: p.name)
 def test_chapter_notebook_conventions(path):
     nb = nbformat.read(path, as_version=4)
@@ -96,6 +110,8 @@ def test_chapter_notebook_conventions(path):
     assert not any(o.get("output_type") == "error" for c in code_cells for o in c.get("outputs", []))
     for cell in code_cells:  # readers see comments: nbval is steered by cell tags only
         assert "NBVAL_" not in cell.source, cell.source.splitlines()[0]
+    _assert_reader_words(path.name, [c.source for c in nb.cells]
+                         + [o.get("text", "") for c in code_cells for o in c.get("outputs", [])])
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert "## Exercises" in text and ":class: dropdown" in text
 

@@ -172,7 +172,7 @@ class SubmoduleApi(_RstDirective):
 
 
 class Coverage(_RstDirective):
-    """The syllabus coverage map. Content: one ``NN | topic | library modules`` row per item.
+    """The map of which chapter covers which topic. Content: one ``NN | topic | library modules`` row per item.
 
     The chapter column is computed: the document ``book/NN_*`` if the book has one (a link to
     it), otherwise "planned". So the map never claims a chapter that is not in the build.
@@ -190,7 +190,7 @@ class Coverage(_RstDirective):
             found = [d for d in docs if d.startswith(f"book/{int(number):02d}_")]
             chapter = f":doc:`/{found[0]}`" if found else "*planned*"
             rows.append([number, topic, chapter, modules or "--"])
-        return _list_table(["item", "syllabus topic", "chapter", "library"], rows)
+        return _list_table(["item", "topic", "chapter", "library"], rows)
 
 
 def _dedupe_scripts(app, pagename, templatename, context, doctree):

@@ -17,7 +17,7 @@ import torch
 from .masks import AttentionPattern
 
 __all__ = ["Backend", "register_backend", "get_backend", "available_backends", "choose_backend", "BACKENDS",
-           "refuse_double_backward"]
+           "compute_dtype", "refuse_double_backward"]
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionPattern, float], torch.Tensor]
 
@@ -134,6 +134,13 @@ def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: Attenti
     if needs_grad and not backend.autograd:
         raise ValueError(f"backend {name!r} does not support autograd; call it under torch.no_grad()")
     return backend
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend computes scores, softmax and sums in: float32 for float16 and
+    bfloat16 inputs (a float16 dot product overflows at 65504, long before softmax would), the
+    input dtype for float32 and float64. Outputs are rounded back to the input dtype once."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def refuse_double_backward(backend: str) -> None:

@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backends import refuse_double_backward
+from .backends import compute_dtype, refuse_double_backward
 from .masks import AttentionPattern
 
 __all__ = ["blocked_attention", "band_attention", "DEFAULT_BLOCK_SIZE"]
@@ -200,10 +200,6 @@ def _unpad_keys(g: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return F.pad(g, (0, 0, -plan.shift, plan.n_k + plan.shift - plan.padded_keys))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 class _BandFunction(torch.autograd.Function):
     """``(out, lse) = band(q, k, v)`` with a recomputing backward (see the module docstring)."""
 
@@ -212,7 +208,7 @@ class _BandFunction(torch.autograd.Function):
         batch, heads, n_q, _ = q.shape
         heads_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]
         group = heads // heads_kv
-        cdt = _compute_dtype(q.dtype)
+        cdt = compute_dtype(q.dtype)
         plan = _plan(n_q, n_k, left, right, block)
         masks = _Masks(plan, q.device, cdt)
         nb, bq = plan.num_blocks, plan.block
@@ -347,7 +343,7 @@ def band_attention(
     """
     if q.shape[2] == 0:
         shape = (*q.shape[:3], v.shape[3])
-        lse = q.new_zeros(q.shape[:3], dtype=_compute_dtype(q.dtype))
+        lse = q.new_zeros(q.shape[:3], dtype=compute_dtype(q.dtype))
         return q.new_zeros(shape), (lse if with_lse else None)
     out, lse = _BandFunction.apply(q, k, v, int(left), int(right), float(scale), block_size, bool(with_lse))
     return out, (lse if with_lse else None)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backends import compute_dtype
 from .dense import expand_kv
 from .masks import AttentionPattern
 
@@ -172,7 +173,7 @@ def chunked_band_attention(
     left, right = min(left, n_k - 1), min(right, n_k - 1)
     w = max(left, right, 1)
     n_pad = max(2 * w, -(-n_k // w) * w)
-    acc = torch.promote_types(q.dtype, torch.float32)  # float16/bfloat16 scores overflow: use float32
+    acc = compute_dtype(q.dtype)
     k, v = expand_kv(k, heads).to(acc), expand_kv(v, heads).to(acc)  # (B, H, n_k, D)
     # Queries are the last n_q positions: pad them at the front to the full length.
     # contiguous: chunk() builds overlapping views by strides (inputs may be (B, N, H, D) transposed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backends import compute_dtype
 from .masks import AttentionPattern
 
 __all__ = ["dense_attention", "sdpa_attention", "masked_softmax", "expand_kv"]
@@ -54,7 +55,7 @@ def dense_attention(
     in float32 (large scores would overflow float16) and the output is rounded back once.
     """
     heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
-    acc = torch.promote_types(q.dtype, torch.float32)  # float16/bfloat16: scores and sums in float32
+    acc = compute_dtype(q.dtype)
     k, v = expand_kv(k, heads).to(acc), expand_kv(v, heads).to(acc)  # (B, H, N_k, D)
     mask = pattern.mask(n_q, n_k, num_heads=heads, device=q.device)  # (B|1, H|1, N_q, N_k)
     scores = torch.matmul(q.to(acc), k.transpose(-2, -1)) * scale  # (B, H, N_q, N_k)

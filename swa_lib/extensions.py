@@ -64,14 +64,14 @@ def dilated_band(band_fn: BandFn, q, k, v, left: int, right: int, scale: float, 
         else:
             h_idx = torch.tensor(hs, device=q.device)
             qd, kd, vd = q.index_select(1, h_idx), _kv_heads(k, hs, group), _kv_heads(v, hs, group)
-        if d >= n_k:  # no other key is a multiple of d away: inside the window each query sees only itself
-            kq = kd.repeat_interleave(qd.shape[1] // kd.shape[1], dim=1)[:, :, offset:]
-            vq = vd.repeat_interleave(qd.shape[1] // vd.shape[1], dim=1)[:, :, offset:]
-            acc = torch.promote_types(q.dtype, torch.float32)
+        if d > min(max(left, right), n_k - 1):
+            # No other key in the window is a multiple of d away: every residue class would run the
+            # band (0, 0), which is one band call (0, 0) on the whole sequence (not d calls: d may be huge).
+            o_d, l_d = band_fn(qd, kd, vd, 0, 0, scale)
             if lse is None:
-                lse = q.new_zeros(batch, heads, n_q, dtype=acc)
-            out[:, h_idx] = vq.to(out.dtype)
-            lse[:, h_idx] = (qd.to(acc) * kq.to(acc)).sum(-1) * scale
+                lse = l_d.new_zeros(batch, heads, n_q)
+            out[:, h_idx] = o_d.to(out.dtype)
+            lse[:, h_idx] = l_d
             continue
         for r in range(d):
             first_q = (r - offset) % d  # first query row whose position (row + offset) is = r mod d
@@ -101,7 +101,8 @@ def extended_attention(band_fn: BandFn, q, k, v, pattern: AttentionPattern, scal
     g = pattern.global_tokens  # (B, n_k) bool or None
     if g is None and pattern.sinks == 0:
         return out_band
-    out_band = out_band.to(torch.promote_types(q.dtype, lse_band.dtype))
+    acc = lse_band.dtype  # the band's compute dtype (float32 for half inputs): extra scores use it too
+    out_band = out_band.to(acc)
     dil = torch.tensor(dilation, device=q.device)[:, None, None]  # (H, 1, 1)
     qpos = torch.arange(offset, n_k, device=q.device)  # (n_q,) query positions
     kv_all = torch.arange(k.shape[1], device=q.device).repeat_interleave(group)  # kv head of each query head
@@ -117,12 +118,11 @@ def extended_attention(band_fn: BandFn, q, k, v, pattern: AttentionPattern, scal
             kc, vc = k[b].index_select(1, cols), v[b].index_select(1, cols)  # (H_kv, G, D)
             if group > 1:
                 kc, vc = kc.index_select(0, kv_all), vc.index_select(0, kv_all)  # (H, G, D)
-            # scores in the band's dtype (float32 for half inputs): float16 q.k overflows long before exp does
-            s = torch.matmul(q[b].to(lse_band.dtype), kc.to(lse_band.dtype).transpose(-1, -2)) * scale  # (H, n_q, G)
+            s = torch.matmul(q[b].to(acc), kc.to(acc).transpose(-1, -2)) * scale  # (H, n_q, G)
             delta = qpos[:, None] - cols[None, :]  # (n_q, G): i - j
             in_band = (delta <= left) & (-delta <= right) & (delta[None] % dil == 0)  # (H, n_q, G)
             allowed = is_global[cols][None, None, :] | ((cols < pattern.sinks)[None, :] & (-delta <= right))[None]
-            s = s.masked_fill(~(allowed & ~in_band), float("-inf")).to(lse_band.dtype)
+            s = s.masked_fill(~(allowed & ~in_band), float("-inf"))
             m = torch.maximum(lse_band[b], s.amax(-1)).detach()  # (H, n_q), finite
             w_band = torch.exp(lse_band[b] - m)  # > 0: every row sees itself in the band
             e = torch.exp(s - m[..., None])  # (H, n_q, G); 0 where masked
@@ -134,7 +134,6 @@ def extended_attention(band_fn: BandFn, q, k, v, pattern: AttentionPattern, scal
             kf, vf = k[b], v[b]  # (H_kv, n_k, D)
             if group > 1:
                 kf, vf = kf.index_select(0, kv_all), vf.index_select(0, kv_all)  # (H, n_k, D)
-            acc = lse_band.dtype  # float32 for half inputs, as for the extra columns
             s = torch.matmul(q[b][:, g_rows].to(acc), kf.to(acc).transpose(-1, -2)) * scale  # (H, Gq, n_k)
             p = torch.softmax(s, dim=-1)
             o_g = torch.matmul(p, vf.to(acc)).to(o_b.dtype)  # (H, Gq, Dv)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .backends import compute_dtype
 from .masks import AttentionPattern
 
 __all__ = ["loop_attention"]
@@ -44,7 +45,7 @@ def loop_attention(
     heads_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]
     group = heads // heads_kv
     offset = n_k - n_q  # queries are the last n_q positions
-    acc = torch.promote_types(q.dtype, torch.float32)  # float16/bfloat16 are summed in float32
+    acc = compute_dtype(q.dtype)  # float16/bfloat16 are summed in float32
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     g = pattern.global_tokens  # (B, n_k) bool or None
     rows = []

@@ -3,8 +3,8 @@
 Two runs of the same float computation on different CPUs (another BLAS code path, another thread
 count) agree only to rounding, so a chapter that prints ``max error = 4.8e-07`` prints other digits
 elsewhere. The chapters print the claim instead: :func:`below` returns ``"< 1e-05"`` when the error
-is below the bound and raises when it is not (:func:`above` is its mirror), so the check is made on every run and the printed
-text does not depend on the last bits.
+is below the bound and raises when it is not (:func:`above` is its mirror), so the check is made
+on every run and the printed text does not depend on the last bits.
 """
 
 from __future__ import annotations
@@ -33,17 +33,24 @@ def below(err, bound: float) -> str:
     ``err`` is a number or a tensor (its largest element is taken). Raises ``AssertionError``
     naming both values when the error is not below the bound (a NaN error never is).
     """
-    if not (isinstance(bound, (int, float)) and bound > 0):
-        raise ValueError(f"bound must be a positive number, got {bound!r}")
-    value = float(torch.as_tensor(err).max()) if torch.is_tensor(err) else float(err)
+    value = _checked(err, bound, largest=True)
     if not value < bound:
         raise AssertionError(f"error {value:.3g} is not below the bound {bound:g}")
     return f"< {bound:g}"
 
 
 def above(value, bound: float) -> str:
-    """``"> bound"`` for printing, after checking that ``value > bound`` (the mirror of :func:`below`)."""
-    value = float(torch.as_tensor(value).min()) if torch.is_tensor(value) else float(value)
+    """``"> bound"`` for printing, after checking that ``value > bound`` (the mirror of :func:`below`;
+    of a tensor its smallest element is taken)."""
+    value = _checked(value, bound, largest=False)
     if not value > bound:
         raise AssertionError(f"value {value:.3g} is not above the bound {bound:g}")
     return f"> {bound:g}"
+
+
+def _checked(x, bound, *, largest: bool) -> float:
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
+        raise ValueError(f"bound must be a positive number, got {bound!r}")
+    if torch.is_tensor(x):
+        x = x.detach().max() if largest else x.detach().min()
+    return float(x)

@@ -310,6 +310,11 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, model: Optional[TinyLM] = None, 
     }
 
 
+def _sink_policies(ppl: dict) -> list:
+    """Perplexities of the sink policies with cache positions: ``sinks=1`` .. ``sinks=S``."""
+    return [v for k, v in ppl.items() if k.startswith("sinks=") and k[len("sinks="):].isdigit()]
+
+
 def findings(result: dict) -> dict:
     """The demonstration's claims as numbers, from :func:`run_demo`'s result.
 
@@ -321,7 +326,7 @@ def findings(result: dict) -> dict:
     """
     mass, uniform, ppl = torch.tensor(result["first_token"]), result["uniform"], result["ppl"]
     ref = ppl["recompute+BOS"]
-    sinks = [ppl[k] for k in ppl if k.startswith("sinks=") and k[len("sinks="):].isdigit()]
+    sinks = _sink_policies(ppl)
     return {
         "layer0_min_vs_uniform": round(float(mass[0].min()) / uniform, 3),
         "layer0_mean_vs_uniform": round(float(mass[0].mean()) / uniform, 3),
@@ -432,7 +437,7 @@ def format_variants(data: dict, digits: int = 1) -> str:
     for name, r in data.items():
         p, ref = r["ppl"], r["ppl"]["recompute+BOS"]
         rel = lambda x: f"{100 * (x / ref - 1):+6.{digits}f}%"  # noqa: E731
-        best = min(v for k, v in p.items() if k.startswith("sinks=") and "original" not in k)
+        best = min(_sink_policies(p))
         l0 = r["first_token"][0]
         loss = "  -  " if r.get("final_loss") is None else f"{r['final_loss']:.3f}"
         lines.append(f"{name:{width}s} | {min(l0):.2f}-{max(l0):.2f} | {rel(p['window']):>7s} | {rel(best):>7s} | "

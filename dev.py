@@ -28,7 +28,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".swa_lib_installed"
-EXTRAS = "book,test,triton"
+EXTRAS = "lab,book,test,triton"
 # Another numerical code path on the same machine: MKL's CPU-independent kernels and ATen's
 # unvectorised ones, one thread. Results move in their last bits, as they do on another CPU.
 OTHER_NUMERICS = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}

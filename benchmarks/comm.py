@@ -19,7 +19,7 @@ Bytes per rank are counted from the communication plan, not sniffed from the wir
 
 Wall-clock times on loopback gloo are for shape only (a real interconnect is far faster); the
 JSON also stores the on-paper model for NVLink and InfiniBand. Writes
-swa_lib/results/comm_bench.json and book/figures/comm_bench.png.
+swa_lib/lab/results/comm_bench.json and book/figures/comm_bench.png.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from swa_lib import results  # noqa: E402
+from swa_lib.lab import results # noqa: E402
 from swa_lib.distributed import (  # noqa: E402
     ShardLayout,
     _exchange,
@@ -160,7 +160,7 @@ def paper_model(n_values=(32768, 131072, 524288), p=8):
 
 
 def plot(data, path):
-    from swa_lib.plotting import new_figure, plot_scaling
+    from swa_lib.lab.plotting import new_figure, plot_scaling
 
     fig, axes = new_figure(ncols=2, width=5.2, height=4.0)
     axes = axes.ravel()

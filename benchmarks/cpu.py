@@ -22,7 +22,7 @@ Peers (all on the same tensors, in the same process):
 Reported per call: wall time (best of --repeats after one warm-up call; 1 repeat for n >= 32768), useful GFLOP/s =
 4 * B * H * sum_i keys(i) * D / time (two multiply-adds per visible key and head dim: QK^T and
 PV), and peak memory = rise of the process's peak RSS during the call (Linux
-/proc/self/clear_refs + VmHWM). Writes swa_lib/results/cpu_bench.json and
+/proc/self/clear_refs + VmHWM). Writes swa_lib/lab/results/cpu_bench.json and
 book/figures/cpu_bench.png. The machine is shared: the load average is recorded with the results.
 """
 
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import swa_lib  # noqa: E402
-from swa_lib import results  # noqa: E402
+from swa_lib.lab import results # noqa: E402
 from swa_lib.masks import AttentionPattern  # noqa: E402
 
 B, H, D = 1, 4, 64
@@ -290,7 +290,7 @@ def machine() -> dict:
 
 
 def plot(result, path: Path):
-    from swa_lib.plotting import new_figure, plot_scaling
+    from swa_lib.lab.plotting import new_figure, plot_scaling
 
     windows = [tuple(w) for w in result["config"]["windows"]]
     fig, axes = new_figure(ncols=len(windows), width=6.2, height=4.4)

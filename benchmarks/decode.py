@@ -19,7 +19,7 @@ held by the KV caches (tensor sizes, 2 * layers * B * H_kv * slots * D * 4 bytes
 none, it keeps only W token ids). Analytic work per new token: rolling / sinks attend to W keys;
 recompute re-runs the whole network on W tokens (W times the projection and MLP work); full
 attends to all n previous keys, so its step reads 2 * layers * n * width floats of cache and slows
-down as n grows. Writes swa_lib/results/decode_bench.json and book/figures/decode_bench.png. Tests
+down as n grows. Writes swa_lib/lab/results/decode_bench.json and book/figures/decode_bench.png. Tests
 never assert timings; the load average is recorded with the results.
 """
 
@@ -38,9 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from swa_lib.model import ModelConfig, TinyLM  # noqa: E402
+from swa_lib.lab.model import ModelConfig, TinyLM  # noqa: E402
 from swa_lib.kv_cache import plot_decode_bench  # noqa: E402
-from swa_lib.results import path as result_path  # noqa: E402
+from swa_lib.lab.results import path as result_path  # noqa: E402
 
 W = 64
 METHODS = ["rolling", "sinks", "recompute", "full"]

@@ -24,7 +24,7 @@ causal SDPA it is (N + 1) / 2, so its TFLOP/s is comparable. Peak memory is the 
 The first call at each new shape autotunes the Triton kernel (and compiles FlexAttention); the
 warm-up calls absorb that, and compiled kernels are cached on disk for later runs.
 
-Writes swa_lib/results/gpu_bench.json (with the GPU name, date and versions) and
+Writes swa_lib/lab/results/gpu_bench.json (with the GPU name, date and versions) and
 book/figures/gpu_bench.png. Needs a CUDA GPU; without one it exits with a message.
 """
 
@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from swa_lib import results  # noqa: E402
+from swa_lib.lab import results # noqa: E402
 
 B, D = 1, 128
 HEADS = [(16, 16), (16, 4)]  # (H, H_kv): MHA and a GQA case
@@ -92,7 +92,7 @@ def format_table(rows: list) -> str:
 
 def plot(data: dict):
     """Time against N per (window, mode) for the MHA case, from a stored result dict."""
-    from swa_lib.plotting import new_figure, plot_scaling
+    from swa_lib.lab.plotting import new_figure, plot_scaling
 
     rows = [r for r in data["rows"] if r["heads"] == r["heads_kv"]]
     windows = sorted({tuple(r["window"]) for r in rows})
@@ -143,7 +143,7 @@ def _make_call(method: str, q, k, v, window, mode: str):
     n, heads, heads_kv = q.shape[2], q.shape[1], k.shape[1]
     left, right = window
     if method == "triton":
-        from swa_lib.triton_kernel import triton_sliding_window_attention
+        from swa_lib.backends.triton import triton_sliding_window_attention
 
         def attn():
             return triton_sliding_window_attention(q, k, v, window)

@@ -5,7 +5,7 @@ chapter can afford, plus a sweep of the sliding window size, and store the resul
     .venv/bin/python benchmarks/long_range.py                    # ~10 min on one CPU core
     .venv/bin/python benchmarks/long_range.py --extra-seeds 1 2  # ~10 min: seeds 1, 2 of three variants
 
-Prints a table and writes ``swa_lib/results/long_range.json`` and ``book/figures/long_range.png``.
+Prints a table and writes ``swa_lib/lab/results/long_range.json`` and ``book/figures/long_range.png``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from swa_lib.long_range import NeedleTask, Variant, run_variant, standard_variants
-from swa_lib.model import TrainConfig
-from swa_lib.plotting import PALETTE, new_figure
-from swa_lib.results import path as result_path
+from swa_lib.lab.long_range import NeedleTask, Variant, run_variant, standard_variants
+from swa_lib.lab.model import TrainConfig
+from swa_lib.lab.plotting import PALETTE, new_figure
+from swa_lib.lab.results import path as result_path
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ CPU (another BLAS kernel, another vector width) rounds differently; after 2400 s
 those last bits become different weights. This script retrains the demo model for several seeds,
 each once with the default numerics and once with the code path `dev.py portability` uses
 (``MKL_CBWR=COMPATIBLE``, ``ATEN_CPU_CAPABILITY=default``, one thread), and stores every run's
-findings (:func:`swa_lib.sinks.findings`) with the machine in ``swa_lib/results/sinks_spread.json``.
+findings (:func:`swa_lib.lab.sinks.findings`) with the machine in ``swa_lib/lab/results/sinks_spread.json``.
 The margins of ``tests/test_sinks.py`` are derived from this spread.
 
     python benchmarks/sinks_spread.py --seeds 0 1 2 3 4 --jobs 2   # about 15 minutes on 2 cores
@@ -35,8 +35,8 @@ def one_run(seed: int) -> dict:
     """Train and evaluate the demo model from ``seed`` in this process (one torch thread)."""
     import torch
 
-    from swa_lib.results import machine
-    from swa_lib.sinks import DemoConfig, findings, run_demo
+    from swa_lib.lab.results import machine
+    from swa_lib.lab.sinks import DemoConfig, findings, run_demo
 
     torch.set_num_threads(1)
     cfg = DemoConfig()
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     data = {"what": "chapter 10's demo model retrained per seed and numerical code path",
             "runs": runs, "summary": summary(runs)}
     Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    from swa_lib.sinks import format_spread
+    from swa_lib.lab.sinks import format_spread
 
     print(format_spread(data))
 

@@ -6,10 +6,10 @@ imports Triton or sets ``TRITON_INTERPRET``).
 """
 
 from .attention import make_pattern, sliding_window_attention
-from .blocked import band_attention, blocked_attention
-from .chunked import chunked_attention, chunked_band_attention
+from .backends.blocked import band_attention, blocked_attention
+from .backends.chunked import chunked_attention, chunked_band_attention
 from .backends import Backend, available_backends, register_backend
-from .dense import dense_attention, sdpa_attention
+from .backends.dense import dense_attention, sdpa_attention
 from .masks import (
     CONVENTIONS,
     UNBOUNDED,
@@ -24,12 +24,11 @@ from .masks import (
     to_mistral,
     window_mask,
 )
-from .reference import loop_attention
+from .backends.reference import loop_attention
 from .distributed import sequence_parallel_attention, shard_bounds  # torch.distributed: no side effects
 from .kv_cache import RollingKVCache, SinkKVCache
 from .longformer import LongformerAttentionConfig, LongformerSelfAttention
 from .schedule import WindowSchedule, receptive_field_support, schedule_reach
-from . import _registry  # noqa: F401  (registers the built-in backends)
 
 __version__ = "0.1.0"
 
@@ -72,9 +71,9 @@ __all__ = [
 
 def __getattr__(name):
     # Lazy: ``swa_lib.triton_sliding_window_attention`` imports Triton (and fixes the interpreter
-    # choice, see swa_lib.triton_kernel) only when first used, never at ``import swa_lib``.
+    # choice, see swa_lib.backends.triton) only when first used, never at ``import swa_lib``.
     if name == "triton_sliding_window_attention":
-        from .triton_kernel import triton_sliding_window_attention
+        from .backends.triton import triton_sliding_window_attention
 
         return triton_sliding_window_attention
     raise AttributeError(f"module 'swa_lib' has no attribute {name!r}")

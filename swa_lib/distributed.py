@@ -54,8 +54,8 @@ import torch
 import torch.distributed as dist
 
 from .attention import _check_qkv, sliding_window_attention
-from .dense import expand_kv
-from .masks import _check_int, check_window
+from .backends.dense import expand_kv
+from .masks import check_int, check_window
 
 __all__ = [
     "shard_bounds",
@@ -76,8 +76,8 @@ def shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
     >>> shard_bounds(10, 4)
     [(0, 3), (3, 6), (6, 8), (8, 10)]
     """
-    n = _check_int("n", n, 0)
-    world_size = _check_int("world_size", world_size, 1)
+    n = check_int("n", n, 0)
+    world_size = check_int("world_size", world_size, 1)
     base, extra = divmod(n, world_size)
     bounds, start = [], 0
     for r in range(world_size):
@@ -365,7 +365,7 @@ def sequence_parallel_attention(
             f"queries and keys must be sharded alike (self-attention): q has {q.shape[2]} tokens, k has {k.shape[2]}"
         )
     left, right = check_window(window)
-    sinks = _check_int("sinks", sinks, 0)
+    sinks = check_int("sinks", sinks, 0)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

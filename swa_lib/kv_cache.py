@@ -115,7 +115,7 @@ class RollingKVCache(_CacheBase):
         batch, heads_kv, head_dim: shape of the stored keys/values ``(B, H_kv, W, D)``.
         window: ``W``, the number of slots.
         max_chunk: the most new tokens one :meth:`update` accepts (default ``W``); longer
-            prompts must be fed in chunks (:meth:`swa_lib.model.TinyLM.prefill` does it), which
+            prompts must be fed in chunks (:meth:`swa_lib.lab.model.TinyLM.prefill` does it), which
             bounds the temporary context at ``W + max_chunk`` keys.
         dtype, device: of the buffers; updates must match them exactly.
     """
@@ -300,64 +300,3 @@ class FullKVCache(_CacheBase):
         if k.requires_grad or v.requires_grad:  # hand back the new tokens with their history
             return torch.cat([self.k[:, :, :old], k], dim=2), torch.cat([self.v[:, :, :old], v], dim=2)
         return self.k[:, :, :need], self.v[:, :, :need]
-
-
-# -- pictures for the book (matplotlib imported lazily) -------------------------------------
-def plot_rolling_buffer(window: int, steps, *, ax=None):
-    """Draw which position sits in each slot of a rolling buffer after each of ``steps`` writes.
-
-    One row per step (token count), one column per slot; the slot written last is outlined.
-    """
-    from matplotlib.patches import Rectangle
-
-    from .plotting import PALETTE, new_figure
-
-    steps = list(steps)
-    if ax is None:
-        fig, ax = new_figure(width=0.8 * window + 2.6, height=0.45 * len(steps) + 1.4)
-    else:
-        fig = ax.figure
-    cache = RollingKVCache(1, 1, window, 1)  # only its slot bookkeeping is used
-    ax.set_xlim(-0.5, window - 0.5)
-    ax.set_ylim(len(steps) - 0.5, -0.5)
-    for row, seen in enumerate(steps):
-        cache.seen = seen
-        for slot, p in enumerate(cache.slots()):
-            wrapped = p >= window
-            color = "#F2F2F2" if p < 0 else (PALETTE[1] if wrapped else PALETTE[5])
-            last = p == seen - 1
-            ax.add_patch(Rectangle((slot - 0.45, row - 0.4), 0.9, 0.8, facecolor=color,
-                                   edgecolor="black" if last else "white", linewidth=2 if last else 0.5))
-            if p >= 0:
-                ax.text(slot, row, str(p), ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(window))
-    ax.set_yticks(range(len(steps)), [f"after {s}" for s in steps])
-    ax.set_xlabel("slot (position p goes to slot p mod W)")
-    ax.set_title(f"rolling buffer, W = {window}\n(orange: overwrote an older token)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_decode_bench(data: dict):
-    """Decode speed and cache memory against generated length, from ``decode_bench.json``."""
-    from .plotting import PALETTE, new_figure
-
-    fig, axes = new_figure(ncols=2, width=5.0, height=3.8)
-    ax1, ax2 = axes[0, 0], axes[0, 1]
-    for color, (name, recs) in zip(PALETTE, data["results"].items()):
-        n = [r["tokens"] for r in recs]
-        ax1.plot(n, [r["tokens_per_s"] for r in recs], "o-", color=color, label=name, markersize=3)
-        ax2.plot(n, [r["cache_bytes"] / 2**20 for r in recs], "o-", color=color, label=name, markersize=3)
-    ax1.set_xlabel("tokens generated")
-    ax1.set_ylabel("decode speed (tokens/s)")
-    ax1.set_yscale("log")
-    m = data["model"]
-    ax1.set_title(f"TinyLM decode (width {m['dim']}, {m['layers']} layers), W = {data['window']}, batch 1, CPU",
-                  fontsize=10)
-    ax2.set_xlabel("tokens generated")
-    ax2.set_ylabel("KV cache memory (MiB)")
-    ax2.set_title("cache memory (tensor sizes)")
-    ax1.legend()
-    ax2.legend()
-    fig.tight_layout()
-    return fig

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .attention import sliding_window_attention
-from .masks import UNBOUNDED, from_longformer
+from .masks import UNBOUNDED, from_longformer, global_token_positions
 
 __all__ = ["LongformerAttentionConfig", "LongformerSelfAttention", "split_hf_attention_mask", "hf_layer_attention_mask"]
 
@@ -240,10 +240,8 @@ class LongformerSelfAttention(nn.Module):
     def _global_rows(self, x, out, glob, padding, scale):
         """Replace the rows of global tokens by their attention over all keys (global projections)."""
         b, n, _ = x.shape
-        counts = glob.sum(1)  # (B,)
-        g_max = int(counts.max())
-        # positions of each element's global tokens, first; padded slots point anywhere (masked below)
-        order = torch.argsort((~glob).to(torch.int8), dim=1, stable=True)[:, :g_max]  # (B, G)
+        order, counts = global_token_positions(glob)  # (B, G): padded slots are masked below
+        g_max = order.shape[1]
         valid = torch.arange(g_max, device=x.device)[None] < counts[:, None]  # (B, G)
         x_g = torch.gather(x, 1, order[..., None].expand(b, g_max, x.shape[-1]))  # (B, G, E)
         q_g = self._heads(self.query_global(x_g)) * scale  # (B, H, G, D)

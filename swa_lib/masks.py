@@ -51,6 +51,8 @@ import torch
 __all__ = [
     "AttentionPattern",
     "window_mask",
+    "global_token_positions",
+    "visible_keys",
     "UNBOUNDED",
     "CONVENTIONS",
     "from_longformer",
@@ -69,8 +71,11 @@ UNBOUNDED = 2**62
 Dilation = Union[int, Sequence[int]]
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    # bool is a subclass of int; True as a window size is almost certainly a bug.
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` if it is an int >= ``minimum``, else a TypeError/ValueError naming ``name``.
+
+    bool is refused although it is an int subclass: True as a window size is almost surely a bug.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -86,8 +91,8 @@ def check_window(window) -> tuple[int, int]:
             "use swa_lib.from_mistral / from_longformer / from_hf / from_flash_attn "
             "to convert a single window size"
         )
-    left = _check_int("window left", window[0], 0)
-    right = _check_int("window right", window[1], 0)
+    left = check_int("window left", window[0], 0)
+    right = check_int("window right", window[1], 0)
     return left, right
 
 
@@ -111,16 +116,16 @@ class AttentionPattern:
     def __post_init__(self):
         check_window((self.left, self.right))
         if isinstance(self.dilation, int) and not isinstance(self.dilation, bool):
-            _check_int("dilation", self.dilation, 1)
+            check_int("dilation", self.dilation, 1)
         else:
             if isinstance(self.dilation, (str, bytes)) or not isinstance(self.dilation, Sequence):
                 raise TypeError(f"dilation must be an int or a sequence of ints, got {self.dilation!r}")
             if len(self.dilation) == 0:
                 raise ValueError("dilation per head must not be empty")
             for d in self.dilation:
-                _check_int("dilation", d, 1)
+                check_int("dilation", d, 1)
             object.__setattr__(self, "dilation", tuple(self.dilation))
-        _check_int("sinks", self.sinks, 0)
+        check_int("sinks", self.sinks, 0)
         g = self.global_tokens
         if g is not None and (not isinstance(g, torch.Tensor) or g.dtype != torch.bool or g.ndim != 2):
             raise TypeError("global_tokens in a pattern must be a bool tensor of shape (B, n_k)")
@@ -206,8 +211,35 @@ class AttentionPattern:
         return allowed
 
     def keys_per_query(self, n: int) -> float:
-        """Average number of visible keys per query for a sequence of n tokens (for FLOP counts)."""
-        return float(self.mask(n).float().sum(-1).mean())
+        """Average number of keys a query sees in a sequence of ``n`` tokens, averaged over the
+        queries (clipped rows at both ends included) and over heads (for FLOP counts)."""
+        if self.is_plain:
+            return visible_keys(n, self.left, self.right) / n
+        heads = 1 if isinstance(self.dilation, int) else len(self.dilation)
+        return float(self.mask(n, num_heads=heads).double().sum(-1).mean())
+
+
+def global_token_positions(global_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each batch element's global token positions, in order: ``(positions, counts)``.
+
+    ``global_mask`` is a ``(B, N)`` bool mask. ``positions`` is ``(B, G)`` int64 with
+    ``G = counts.max()``; row ``b`` lists its ``counts[b]`` positions first, in increasing order,
+    and is padded after them with other positions (mask them with ``counts``).
+    """
+    counts = global_mask.sum(1)  # (B,)
+    g_max = int(counts.max()) if global_mask.shape[0] else 0
+    # a stable sort of "not global" puts the global positions first, in order
+    order = torch.sort((~global_mask).to(torch.int8), dim=1, stable=True).indices[:, :g_max]
+    return order, counts
+
+
+def visible_keys(n: int, left: int, right: int) -> int:
+    """Number of (query, key) pairs a plain window ``(left, right)`` allows in ``n`` tokens: the
+    sum over queries ``i`` of ``min(i + right, n - 1) - max(i - left, 0) + 1``, in closed form."""
+    if n <= 0:
+        return 0
+    left, right = min(left, n - 1), min(right, n - 1)
+    return n * (left + right + 1) - left * (left + 1) // 2 - right * (right + 1) // 2
 
 
 def window_mask(
@@ -232,7 +264,7 @@ def window_mask(
             [0, 1, 1, 0],
             [0, 0, 1, 1]], dtype=torch.int32)
     """
-    n = _check_int("n", n, 0)
+    n = check_int("n", n, 0)
     left, right = check_window(window)
     if global_tokens is not None:
         if not isinstance(global_tokens, torch.Tensor) or global_tokens.dtype != torch.bool:
@@ -259,7 +291,7 @@ def from_longformer(attention_window: int) -> tuple[int, int]:
     ``self.one_sided_attn_window_size = attention_window // 2`` and lets each token see that
     many tokens on each side of itself, so it sees ``attention_window + 1`` keys.
     """
-    w = _check_int("attention_window", attention_window, 2)
+    w = check_int("attention_window", attention_window, 2)
     if w % 2:
         raise ValueError(f"Longformer's attention_window must be even, got {w}")
     return (w // 2, w // 2)
@@ -280,7 +312,7 @@ def from_mistral(sliding_window: int) -> tuple[int, int]:
     "between i - W and i", and the reference implementation (mistral-src one_file_ref.py)
     builds ``torch.triu(torch.tril(ones), diagonal=-sliding_window)``: keys i-W..i, W+1 keys.
     """
-    w = _check_int("sliding_window", sliding_window, 0)
+    w = check_int("sliding_window", sliding_window, 0)
     return (w, 0)
 
 
@@ -303,7 +335,7 @@ def from_flash_attn(window_size) -> tuple[int, int]:
         raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
     out = []
     for name, w in zip(("left", "right"), window_size):
-        w = _check_int(f"window_size {name}", w, -1)
+        w = check_int(f"window_size {name}", w, -1)
         out.append(UNBOUNDED if w == -1 else w)
     return (out[0], out[1])
 
@@ -321,7 +353,7 @@ def from_hf(sliding_window: int) -> tuple[int, int]:
     ``q_idx`` iff ``kv_idx > q_idx - sliding_window`` (on top of the causal mask), so a query
     sees W keys counting itself, one fewer than Mistral's reference code with the same number.
     """
-    w = _check_int("sliding_window", sliding_window, 1)
+    w = check_int("sliding_window", sliding_window, 1)
     return (w - 1, 0)
 
 

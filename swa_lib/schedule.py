@@ -4,8 +4,8 @@ Longformer :cite:`beltagy2020longformer` does not give every layer the same wind
 layers get small windows (they model local context), upper layers wider ones, and in the upper
 layers a few heads are *dilated* so they reach further for the same number of keys.
 :class:`WindowSchedule` describes such a stack as a typed config and expands it into the
-:class:`swa_lib.receptive_field.LayerWindow` list that :func:`~swa_lib.receptive_field.measure_influence`
-and :class:`~swa_lib.receptive_field.AttentionStack` take.
+:class:`swa_lib.lab.receptive_field.LayerWindow` list that :func:`~swa_lib.lab.receptive_field.measure_influence`
+and :class:`~swa_lib.lab.receptive_field.AttentionStack` take.
 
 Semantics are swa_lib's (:mod:`swa_lib.masks`): a layer's window ``(left, right)`` is a *span*
 shared by all heads, and dilation ``d`` keeps the keys with ``(i - j) % d == 0`` inside it. A
@@ -28,17 +28,27 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .receptive_field import LayerWindow, _as_layers
+from .masks import check_int, check_window
 
-__all__ = ["WindowSchedule", "layer_offsets", "receptive_field_support", "schedule_reach", "keys_per_query", "plot_reach_growth"]
+__all__ = ["LayerWindow", "WindowSchedule", "as_layers", "layer_offsets", "receptive_field_support", "schedule_reach",
+           "receptive_field_size", "interior_keys"]
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+@dataclass(frozen=True)
+class LayerWindow:
+    """The attention pattern of one layer: an inclusive window, dilation, and global tokens."""
+
+    window: tuple[int, int]
+    dilation: Union[int, tuple[int, ...]] = 1
+    global_tokens: Optional[tuple[int, ...]] = None  # positions of global tokens, if any
+
+    def __post_init__(self):
+        object.__setattr__(self, "window", check_window(self.window))
+
+    @property
+    def reach(self) -> tuple[int, int]:
+        """How far one layer reaches (left, right): its window span (dilation thins the span)."""
+        return self.window
 
 
 @dataclass(frozen=True)
@@ -72,13 +82,13 @@ class WindowSchedule:
     causal: bool = False
 
     def __post_init__(self):
-        _positive_int("num_layers", self.num_layers)
-        _positive_int("num_heads", self.num_heads)
-        _positive_int("first_window", self.first_window, 0)
-        _positive_int("last_window", self.last_window, 0)
-        _positive_int("dilated_layers", self.dilated_layers, 0)
-        _positive_int("dilated_heads", self.dilated_heads, 0)
-        _positive_int("max_dilation", self.max_dilation, 1)
+        check_int("num_layers", self.num_layers, 1)
+        check_int("num_heads", self.num_heads, 1)
+        check_int("first_window", self.first_window, 0)
+        check_int("last_window", self.last_window, 0)
+        check_int("dilated_layers", self.dilated_layers, 0)
+        check_int("dilated_heads", self.dilated_heads, 0)
+        check_int("max_dilation", self.max_dilation, 1)
         if self.dilated_layers > self.num_layers:
             raise ValueError(f"dilated_layers ({self.dilated_layers}) exceeds num_layers ({self.num_layers})")
         if self.dilated_heads > self.num_heads:
@@ -108,6 +118,18 @@ class WindowSchedule:
         return [LayerWindow(w, dilation=d) for w, d in zip(self.windows(), self.dilations())]
 
 
+def as_layers(layers, num_layers: Optional[int] = None) -> list[LayerWindow]:
+    """``layers`` as a list of :class:`LayerWindow`: a window or one LayerWindow repeated
+    ``num_layers`` times, a list of windows / LayerWindows, or a :class:`WindowSchedule`."""
+    if isinstance(layers, WindowSchedule):
+        return layers.layers()
+    if isinstance(layers, LayerWindow):
+        return [layers] * (num_layers or 1)
+    if isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
+        return [LayerWindow(layers)] * (num_layers or 1)
+    return [x if isinstance(x, LayerWindow) else LayerWindow(tuple(x)) for x in layers]
+
+
 def layer_offsets(layer: LayerWindow, num_heads: Optional[int] = None) -> np.ndarray:
     """Sorted offsets ``o = i - j`` one layer lets a query read, over all heads (0 always included)."""
     left, right = layer.window
@@ -126,13 +148,13 @@ def receptive_field_support(layers, n: int, position: int = -1, *, num_layers: O
     Row ``l`` marks the input positions that output ``position`` can depend on after the first
     ``l + 1`` layers of ``layers`` (a :class:`WindowSchedule`, a list of :class:`LayerWindow`, or
     a window repeated ``num_layers`` times). Each layer is a residual attention layer, as in
-    :class:`swa_lib.receptive_field.AttentionStack`, so the row equals the non-zero pattern of
-    :func:`swa_lib.receptive_field.measure_influence`. Cost O(L^2 * n * offsets).
+    :class:`swa_lib.lab.receptive_field.AttentionStack`, so the row equals the non-zero pattern of
+    :func:`swa_lib.lab.receptive_field.measure_influence`. Cost O(L^2 * n * offsets).
     """
-    n = _positive_int("n", n)
+    n = check_int("n", n, 1)
     if isinstance(position, bool) or not isinstance(position, int) or not -n <= position < n:
         raise ValueError(f"position must be an int in [-{n}, {n}), got {position!r}")
-    stack = layers.layers() if isinstance(layers, WindowSchedule) else _as_layers(layers, num_layers)
+    stack = as_layers(layers, num_layers)
     pos = position % n
     rows = []
     for depth in range(1, len(stack) + 1):
@@ -162,11 +184,14 @@ def receptive_field_support(layers, n: int, position: int = -1, *, num_layers: O
 def schedule_reach(layers, num_layers: Optional[int] = None) -> tuple[int, int]:
     """``(left, right)`` extent of the receptive field on an unbounded sequence (no globals).
 
-    The sum over layers of the furthest offset each layer allows. Unlike
-    :func:`swa_lib.receptive_field.theoretical_reach`, a dilated layer's reach is its span (the
-    furthest visible key), not span times dilation.
+    The sum over layers of the furthest key each layer lets a query read, on each side: the
+    window's side, rounded down to a multiple of the dilation (span 6 with dilation 4 reaches 4).
+    ``layers`` is anything :func:`as_layers` takes.
+
+    >>> schedule_reach((4096, 0), 32)   # Mistral 7B: 32 layers, window 4096
+    (131072, 0)
     """
-    stack = layers.layers() if isinstance(layers, WindowSchedule) else _as_layers(layers, num_layers)
+    stack = as_layers(layers, num_layers)
     left = right = 0
     for layer in stack:
         off = layer_offsets(layer)
@@ -175,30 +200,15 @@ def schedule_reach(layers, num_layers: Optional[int] = None) -> tuple[int, int]:
     return left, right
 
 
-def keys_per_query(layer: LayerWindow, num_heads: int = 1) -> float:
-    """Average over heads of the keys one query reads in the middle of a long sequence (the cost)."""
+def receptive_field_size(layers, num_layers: Optional[int] = None) -> int:
+    """Number of input positions one output can depend on: left reach + right reach + 1."""
+    left, right = schedule_reach(layers, num_layers)
+    return left + right + 1
+
+
+def interior_keys(layer: LayerWindow, num_heads: int = 1) -> float:
+    """Keys one query reads far from both ends of the sequence, averaged over heads: a layer's
+    cost per query (:meth:`swa_lib.AttentionPattern.keys_per_query` counts the clipped rows too)."""
     left, right = layer.window
     dil = [layer.dilation] * num_heads if isinstance(layer.dilation, int) else list(layer.dilation)
     return float(np.mean([left // d + right // d + 1 for d in dil]))
-
-
-def plot_reach_growth(curves: dict, measured: Optional[dict] = None, *, ax=None, ylabel: str = "receptive field (tokens)"):
-    """Receptive field size against depth: ``curves`` (label -> sizes per layer) as lines,
-    ``measured`` (same labels) as markers on top. Returns the matplotlib Figure."""
-    from .plotting import PALETTE, new_figure
-
-    if ax is None:
-        fig, ax = new_figure(width=6, height=4)
-    else:
-        fig = ax.figure
-    for color, (label, sizes) in zip(PALETTE, curves.items()):
-        depth = np.arange(1, len(sizes) + 1)
-        ax.plot(depth, sizes, "-", color=color, label=f"{label} (analytic)")
-        if measured and label in measured:
-            m = measured[label]
-            ax.plot(np.arange(1, len(m) + 1), m, "o", color=color, label=f"{label} (measured)")
-    ax.set_xlabel("number of layers L")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend(frameon=True, facecolor="white")
-    return fig

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swa_lib
-from swa_lib.blocked import band_attention
-from swa_lib.dense import expand_kv
+from swa_lib.backends.blocked import band_attention
+from swa_lib.backends.dense import expand_kv
 from conftest import make_qkv
 
 BACKEND = "blocked"

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swa_lib
-from swa_lib.chunked import (
+from swa_lib.backends.chunked import (
     band_from_chunks,
     chunk,
     chunked_band_attention,
@@ -16,7 +16,7 @@ from swa_lib.chunked import (
     sliding_chunks_values,
     unskew,
 )
-from swa_lib.dense import expand_kv
+from swa_lib.backends.dense import expand_kv
 from conftest import make_qkv
 
 BACKEND = "chunked"

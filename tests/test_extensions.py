@@ -1,4 +1,4 @@
-"""Global tokens, dilation and sinks in the band backends (swa_lib.extensions) equal the oracles.
+"""Global tokens, dilation and sinks in the band backends (swa_lib.backends.extensions) equal the oracles.
 
 Global tokens at the start, middle, end, none and all; dilation 1..4 and per head; with GQA,
 fewer queries than keys and a batch whose elements have different global tokens. Forward against

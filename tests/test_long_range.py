@@ -1,10 +1,10 @@
-"""The long-range task and its four model variants (swa_lib/long_range.py, chapter 11)."""
+"""The long-range task and its four model variants (swa_lib/lab/long_range.py, chapter 11)."""
 
 import pytest
 import torch
 
-from swa_lib.cost import score_count
-from swa_lib.long_range import (
+from swa_lib.lab.cost import score_count
+from swa_lib.lab.long_range import (
     DIGITS,
     LETTERS,
     MARK,
@@ -18,7 +18,7 @@ from swa_lib.long_range import (
     train_on_task,
 )
 from swa_lib.masks import AttentionPattern
-from swa_lib.model import BOS, TrainConfig
+from swa_lib.lab.model import BOS, TrainConfig
 
 
 @pytest.mark.parametrize("context,stride", [(64, 16), (29, 5), (10, 3)])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import swa_lib
-from swa_lib.chunked import _band_mask, sliding_chunks_scores, sliding_chunks_values
+from swa_lib.backends.chunked import _band_mask, sliding_chunks_scores, sliding_chunks_values
 
 transformers = pytest.importorskip("transformers")
 from transformers import LongformerConfig  # noqa: E402

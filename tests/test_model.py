@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from swa_lib.kv_cache import FullKVCache, RollingKVCache
-from swa_lib.model import BOS, ModelConfig, TinyLM, TrainConfig, decode, encode, make_batches, train
+from swa_lib.lab.model import BOS, ModelConfig, TinyLM, TrainConfig, decode, encode, make_batches, train
 
 
 def tiny(windows=(3, 5, None), heads=4, heads_kv=2, dim=32, seed=0):
@@ -135,11 +135,11 @@ def test_batches_start_with_bos():
 
 
 def test_training_corpus_is_shipped_and_the_same_on_every_python():
-    """The tiny LM's text comes from swa_lib/data, not from the running Python's standard library
+    """The tiny LM's text comes from swa_lib/lab/data, not from the running Python's standard library
     (whose files change between versions), so stored results do not depend on the Python."""
     import hashlib
 
-    from swa_lib.model import HELDOUT_FILES, TRAIN_FILES, corpus_text
+    from swa_lib.lab.model import HELDOUT_FILES, TRAIN_FILES, corpus_text
 
     digests = {files: hashlib.sha256(corpus_text(files).encode()).hexdigest()[:16]
                for files in (TRAIN_FILES, HELDOUT_FILES)}

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swa_lib
-from swa_lib.dense import masked_softmax
+from swa_lib.backends.dense import masked_softmax
 from conftest import make_qkv
 
 SIZES = [1, 7, 97, 113]

@@ -1,11 +1,11 @@
-"""swa_lib.report: the chapters print checked bounds, so the bound must really be checked."""
+"""swa_lib.lab.report: the chapters print checked bounds, so the bound must really be checked."""
 
 import math
 
 import pytest
 import torch
 
-from swa_lib.report import above, below, max_error
+from swa_lib.lab.report import above, below, max_error
 
 
 def test_max_error():

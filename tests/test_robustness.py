@@ -112,7 +112,7 @@ def test_an_integer_01_mask_for_global_tokens_is_not_read_as_positions():
 
 
 def test_one_cache_object_for_several_layers_is_rejected():
-    from swa_lib.model import ModelConfig, TinyLM
+    from swa_lib.lab.model import ModelConfig, TinyLM
 
     torch.manual_seed(0)
     model = TinyLM(ModelConfig(dim=16, heads=2, heads_kv=2, windows=(4, 4, 4))).eval()

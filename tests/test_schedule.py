@@ -8,8 +8,16 @@ from hypothesis import strategies as st
 
 import swa_lib
 from swa_lib.backends import BACKENDS
-from swa_lib.receptive_field import LayerWindow, measure_influence
-from swa_lib.schedule import WindowSchedule, keys_per_query, layer_offsets, receptive_field_support, schedule_reach
+from swa_lib.lab.receptive_field import measure_influence
+from swa_lib.schedule import (
+    LayerWindow,
+    WindowSchedule,
+    interior_keys,
+    layer_offsets,
+    receptive_field_size,
+    receptive_field_support,
+    schedule_reach,
+)
 from conftest import make_qkv
 
 
@@ -89,11 +97,11 @@ def test_layer_offsets_and_cost():
     layer = LayerWindow((6, 3), dilation=(1, 3))
     assert layer_offsets(layer).tolist() == [-3, -2, -1, 0, 1, 2, 3, 4, 5, 6]
     assert layer_offsets(LayerWindow((6, 3), dilation=3)).tolist() == [-3, 0, 3, 6]
-    assert keys_per_query(LayerWindow((6, 3), dilation=3)) == 4
-    assert keys_per_query(layer, 2) == (10 + 4) / 2
+    assert interior_keys(LayerWindow((6, 3), dilation=3)) == 4
+    assert interior_keys(layer, 2) == (10 + 4) / 2
     # the cost equals the average row sum of the mask in the middle of a long sequence
     pattern = swa_lib.AttentionPattern(6, 3, dilation=(1, 3))
-    assert pattern.mask(40, num_heads=2)[0, :, 20].sum(-1).float().mean() == keys_per_query(layer, 2)
+    assert pattern.mask(40, num_heads=2)[0, :, 20].sum(-1).float().mean() == interior_keys(layer, 2)
 
 
 def test_schedule_reach():
@@ -166,3 +174,9 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(swa_lib.schedule)
     assert result.attempted >= 1 and result.failed == 0
+
+
+def test_reach_of_a_plain_stack_is_layers_times_window():
+    assert schedule_reach((4096, 0), 32) == (131072, 0)
+    assert receptive_field_size((1, 1), 12) == 25
+    assert schedule_reach(WindowSchedule(num_layers=3, num_heads=2, first_window=2, last_window=2)) == (6, 6)

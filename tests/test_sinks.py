@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from swa_lib.model import ModelConfig, TinyLM
-from swa_lib.sinks import (
+from swa_lib.lab.model import ModelConfig, TinyLM
+from swa_lib.lab.sinks import (
     DemoConfig,
     attention_maps,
     first_token_attention,
@@ -80,9 +80,9 @@ def test_bad_arguments():
 # -- the shipped demonstration ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo():
-    """The stored model (trained by ``python -m swa_lib.sinks --save``) evaluated afresh."""
-    from swa_lib.results import load
-    from swa_lib.sinks import load_demo_model, run_demo
+    """The stored model (trained by ``python -m swa_lib.lab.sinks --save``) evaluated afresh."""
+    from swa_lib.lab.results import load
+    from swa_lib.lab.sinks import load_demo_model, run_demo
 
     torch.manual_seed(0)
     result = run_demo(DemoConfig(), model=load_demo_model(), progress=False)
@@ -97,7 +97,7 @@ def test_demo_reproduces_stored_numbers(demo):
     torch.testing.assert_close(torch.tensor(result["first_token"]), torch.tensor(stored["first_token"]), rtol=0, atol=2e-3)
 
 
-#: What chapter 10 says of the stored model, as bounds on :func:`swa_lib.sinks.findings`. The
+#: What chapter 10 says of the stored model, as bounds on :func:`swa_lib.lab.sinks.findings`. The
 #: stored weights are evaluated in float64, so these hold to many digits on any CPU.
 STORED_BOUNDS = {
     "layer0_min_vs_uniform": (">", 4.0),  # every head of layer 0: 4 to 10 times uniform (4.10x)
@@ -126,7 +126,7 @@ RETRAINED_BOUNDS = {  # bound, then the range over the 10 stored retrainings
 
 
 def check_findings(result, bounds):
-    from swa_lib.sinks import findings
+    from swa_lib.lab.sinks import findings
 
     found = result["findings"] if "findings" in result else findings(result)
     failed = {k: (found[k], op, bound) for k, (op, bound) in bounds.items()
@@ -136,7 +136,7 @@ def check_findings(result, bounds):
 
 def test_retrained_bounds_hold_for_every_stored_retraining():
     """The bounds are consistent with the measured spread they were derived from."""
-    from swa_lib.results import load
+    from swa_lib.lab.results import load
 
     spread = load("sinks_spread")
     assert len({r["seed"] for r in spread["runs"]}) >= 5
@@ -152,10 +152,10 @@ def test_demo_findings(demo):
 def test_demo_trained_from_scratch_shows_the_findings():
     """The demonstration itself: train DemoConfig's model from its seed (about 2.5 minutes with one
     thread on the 2-core machine the book is built on), then check what every retraining shows."""
-    from swa_lib.sinks import run_demo
+    from swa_lib.lab.sinks import run_demo
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as `python -m swa_lib.sinks` runs (1-thread and 2-thread sums round differently)
+    torch.set_num_threads(1)  # as `python -m swa_lib.lab.sinks` runs (1-thread and 2-thread sums round differently)
     try:
         result = run_demo(DemoConfig(), progress=False)
     finally:
@@ -165,7 +165,7 @@ def test_demo_trained_from_scratch_shows_the_findings():
 
 
 def test_training_is_deterministic():
-    from swa_lib.sinks import train_demo_model
+    from swa_lib.lab.sinks import train_demo_model
 
     cfg = DemoConfig()
     cfg.train.steps, cfg.train.log_every = 6, 3
@@ -175,8 +175,8 @@ def test_training_is_deterministic():
 
 
 def test_variants_table_lists_every_stored_run():
-    from swa_lib.results import load
-    from swa_lib.sinks import format_variants
+    from swa_lib.lab.results import load
+    from swa_lib.lab.sinks import format_variants
 
     variants, demo = load("sinks_variants"), load("sinks_demo")
     table = format_variants(variants).splitlines()
@@ -190,7 +190,7 @@ def test_variants_table_lists_every_stored_run():
 
 
 def test_value_norms_match_a_hand_computation():
-    from swa_lib.sinks import value_norms
+    from swa_lib.lab.sinks import value_norms
 
     model = tiny((None, None), heads_kv=2)
     tokens = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(4))
@@ -209,7 +209,7 @@ def test_value_norms_match_a_hand_computation():
 
 def test_shipped_weights_load_without_unpickling_code(monkeypatch):
     """``torch.load`` of the package's .pt file must not run pickled code (weights_only=True)."""
-    from swa_lib.sinks import load_demo_model
+    from swa_lib.lab.sinks import load_demo_model
 
     seen, real_load = [], torch.load
 

@@ -1,6 +1,6 @@
 """The fused Triton kernel against the oracle: forward and gradients, every pattern feature.
 
-Two modes, chosen once per process when ``swa_lib.triton_kernel`` is imported:
+Two modes, chosen once per process when ``swa_lib.backends.triton`` is imported:
 
 * **no CUDA**: the kernels run in Triton's CPU interpreter. This module sets
   ``TRITON_INTERPRET=1`` before importing the kernels (Triton decides at decoration time and reads
@@ -9,7 +9,7 @@ Two modes, chosen once per process when ``swa_lib.triton_kernel`` is imported:
 * **CUDA**: the compiled kernels; the ``gpu`` tests run realistic sizes in bf16/fp16:
   ``PYTHONPATH=. python3 -m pytest tests/test_triton_kernel.py -m gpu``.
 
-If another test file already imported ``swa_lib.triton_kernel`` in the other mode, this module is
+If another test file already imported ``swa_lib.backends.triton`` in the other mode, this module is
 skipped with that reason rather than testing the wrong thing.
 """
 
@@ -31,18 +31,18 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (optional dependency swa_lib[triton])", allow_module_level=True)
 
 HAS_CUDA = torch.cuda.is_available()
-if "swa_lib.triton_kernel" not in sys.modules:
+if "swa_lib.backends.triton" not in sys.modules:
     if not HAS_CUDA:
         # Explicit: CPU only through the interpreter. It must stay set for the process (Triton
         # reads it again when it launches), which is harmless to the other test files:
         # backend="auto" never picks the interpreter.
         os.environ["TRITON_INTERPRET"] = "1"
-    import swa_lib.triton_kernel as tk
+    import swa_lib.backends.triton as tk
 else:
-    import swa_lib.triton_kernel as tk
+    import swa_lib.backends.triton as tk
 
     if not HAS_CUDA and not tk.INTERPRETER:
-        pytest.skip("swa_lib.triton_kernel was imported earlier in this process without "
+        pytest.skip("swa_lib.backends.triton was imported earlier in this process without "
                     "TRITON_INTERPRET=1 and there is no GPU; run this file on its own",
                     allow_module_level=True)
 
@@ -309,7 +309,7 @@ _COMPILE_FOR_H100 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import swa_lib.triton_kernel as tk
+import swa_lib.backends.triton as tk
 assert not tk.INTERPRETER
 ptr = dict(LSE="*fp32", DELTA="*fp32", DIL="*i32", GQ="*i8", GK="*i8", GIDX="*i32", GCNT="*i32")
 for kern, extra in [(tk._fwd_kernel, dict(FULL_ROWS=False)), (tk._fwd_kernel, dict(FULL_ROWS=True)),

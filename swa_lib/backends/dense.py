@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backends import compute_dtype
-from .masks import AttentionPattern
+from .common import compute_dtype
+from ..masks import AttentionPattern
 
 __all__ = ["dense_attention", "sdpa_attention", "masked_softmax", "expand_kv"]
 

@@ -1,6 +1,6 @@
 """Stored benchmark results, shipped with the package so chapters can plot them anywhere.
 
-Benchmarks in ``benchmarks/`` write ``swa_lib/results/<name>.json``; chapters read them with
+Benchmarks in ``benchmarks/`` write ``swa_lib/lab/results/<name>.json``; chapters read them with
 :func:`load`, which works from a clone, from ``pip install``, and on Colab alike.
 """
 

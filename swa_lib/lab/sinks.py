@@ -10,17 +10,17 @@ window-only eviction loses a few percent, not the collapse of a large model; cha
 the numbers, their spread over seeds and CPUs (``benchmarks/sinks_spread.py``) and the variants
 tried).
 
-1. :func:`train_demo_model` trains a :class:`~swa_lib.model.TinyLM` (4 layers, width 64, 8 heads
+1. :func:`train_demo_model` trains a :class:`~swa_lib.lab.model.TinyLM` (4 layers, width 64, 8 heads
    of dimension 8, about 230k parameters) with full causal attention on BOS-prefixed windows of
-   32 tokens of the shipped corpus (:func:`swa_lib.model.corpus_text`): AdamW, betas (0.9, 0.95), learning rate 1e-2,
+   32 tokens of the shipped corpus (:func:`swa_lib.lab.model.corpus_text`): AdamW, betas (0.9, 0.95), learning rate 1e-2,
    weight decay 0.5, gradient clipping, 2400 steps (about 2.5 minutes with one torch thread on
    the 2-core CPU this was written on).
 2. :func:`first_token_attention` measures how much attention each layer and head puts on token 0.
 3. :func:`stream_eval` streams held-out text ``stream_len`` tokens long (many times the context)
    and reports perplexity for each way of bounding the cache.
 
-:func:`run_demo` does all three. ``python -m swa_lib.sinks --save`` also stores the trained
-weights (float16, a few hundred KB) as ``swa_lib/results/sinks_model.pt`` and the numbers as
+:func:`run_demo` does all three. ``python -m swa_lib.lab.sinks --save`` also stores the trained
+weights (float16, a few hundred KB) as ``swa_lib/lab/results/sinks_model.pt`` and the numbers as
 ``sinks_demo.json``, so the chapter can load them instead of training; ``--heads``, ``--steps``,
 ``--context``, ``--seed`` change the configuration and ``--variant NAME`` stores such a run's
 numbers in ``sinks_variants.json`` (the chapter's table of what else was tried).
@@ -39,9 +39,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dense import masked_softmax
-from .masks import AttentionPattern
-from .rope import apply_rope
+from ..backends.dense import masked_softmax
+from ..masks import AttentionPattern
+from ..rope import apply_rope
 from .model import BOS, HELDOUT_FILES, ModelConfig, TinyLM, TrainConfig, encode, corpus_text, train
 from .results import machine, path as result_path
 
@@ -357,7 +357,7 @@ def format_report(result: dict, digits: int = 3) -> str:
 
 
 def save_demo(result: dict, cfg: DemoConfig) -> None:
-    """Store the model (float16 state dict) and the numbers as package data in swa_lib/results/."""
+    """Store the model (float16 state dict) and the numbers as package data in swa_lib/lab/results/."""
     state = {k: v.to(torch.float16) for k, v in result["model"].state_dict().items()}
     torch.save({"config": asdict(cfg.model), "state_dict": state}, result_path("sinks_model").with_suffix(".pt"))
     data = {k: v for k, v in result.items() if k != "model"}
@@ -367,7 +367,7 @@ def save_demo(result: dict, cfg: DemoConfig) -> None:
 
 
 def load_demo_model(dtype: torch.dtype = torch.float64) -> TinyLM:
-    """The model trained by ``python -m swa_lib.sinks --save`` (weights shipped in float16).
+    """The model trained by ``python -m swa_lib.lab.sinks --save`` (weights shipped in float16).
 
     Loaded in float64 by default: the evaluation then rounds far below the printed digits, so the
     numbers the chapter prints are the same on every CPU (in float32 the dense perplexity already
@@ -375,7 +375,7 @@ def load_demo_model(dtype: torch.dtype = torch.float64) -> TinyLM:
     """
     p = result_path("sinks_model").with_suffix(".pt")
     if not p.exists():
-        raise FileNotFoundError(f"no stored model at {p}; run python -m swa_lib.sinks --save")
+        raise FileNotFoundError(f"no stored model at {p}; run python -m swa_lib.lab.sinks --save")
     blob = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu", weights_only=True)  # tensors and plain data only
     model = TinyLM(ModelConfig(**blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
@@ -479,7 +479,7 @@ def format_spread(data: dict) -> str:
 
 
 def save_variant(name: str, result: dict, cfg: DemoConfig) -> None:
-    """Add one run's numbers (no weights) to ``swa_lib/results/sinks_variants.json`` under ``name``."""
+    """Add one run's numbers (no weights) to ``swa_lib/lab/results/sinks_variants.json`` under ``name``."""
     p = result_path("sinks_variants")
     data = json.loads(p.read_text()) if p.exists() else {}
     entry = {k: v for k, v in result.items() if k not in ("model", "history")}
@@ -497,7 +497,7 @@ def main(argv=None) -> None:
                     help="training context = cache size W (the batch shrinks to keep tokens per step)")
     ap.add_argument("--seed", type=int, default=None, help="training seed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--save", action="store_true", help="store weights and numbers in swa_lib/results/")
+    ap.add_argument("--save", action="store_true", help="store weights and numbers in swa_lib/lab/results/")
     ap.add_argument("--variant", default=None, help="store this run's numbers in sinks_variants.json under NAME")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -6,7 +6,7 @@ rows. The keys any row of block ``t`` may see lie in one contiguous band of
 ``(Bq, D) @ (D, L)`` and ``(Bq, L) @ (L, Dv)``. Waste: each row computes ``L`` scores of which
 ``left + right + 1`` are in its window, a ratio ``(Bq + left + right) / (left + right + 1)``
 (1.12 for ``Bq = 64``, window (256, 256)), against 2x for Longformer's overlapping chunks
-(:mod:`swa_lib.chunked`).
+(:mod:`swa_lib.backends.chunked`).
 
 Picture for ``Bq = 2``, window ``(1, 1)``: block 0 holds queries 0-1, its band is keys -1..2
 (key -1 is padding, masked), block 1 holds queries 2-3 and its band is keys 1..4::
@@ -30,7 +30,7 @@ a time. The key and value gradients of overlapping bands are folded back with
 memory is O(N * D) for the padded copies plus O(slab) working space, where a slab holds about
 ``2**20`` scores.
 
-Dilation and global tokens are not handled here; :mod:`swa_lib.extensions` builds them on top
+Dilation and global tokens are not handled here; :mod:`swa_lib.backends.extensions` builds them on top
 of the plain band (:func:`band_attention`), which also returns the log-sum-exp for that reason.
 
 Supported: CPU and CUDA tensors (the speed is tuned for CPU), float64/float32 natively,
@@ -46,8 +46,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backends import compute_dtype, refuse_double_backward
-from .masks import AttentionPattern
+from .common import compute_dtype, refuse_double_backward
+from ..masks import AttentionPattern
 
 __all__ = ["blocked_attention", "band_attention", "DEFAULT_BLOCK_SIZE"]
 
@@ -339,7 +339,7 @@ def band_attention(
         ``out (B, H, N_q, D_v)`` in q's dtype and ``lse (B, H, N_q)`` (float32 for half
         inputs), ``lse_i = log sum_j exp(scale * q_i . k_j)`` over the visible keys. Both are
         differentiable; the log-sum-exp lets callers merge further keys exactly
-        (:mod:`swa_lib.extensions`).
+        (:mod:`swa_lib.backends.extensions`).
     """
     if q.shape[2] == 0:
         shape = (*q.shape[:3], v.shape[3])
@@ -356,7 +356,7 @@ def blocked_attention(
     :func:`swa_lib.sliding_window_attention`.
 
     Time O(B * H * N_q * (Bq + left + right) * D), memory O(N * D) plus one slab of scores.
-    Patterns with dilation, global tokens or sinks go through :mod:`swa_lib.extensions`.
+    Patterns with dilation, global tokens or sinks go through :mod:`swa_lib.backends.extensions`.
     """
     if not pattern.is_plain:
         from .extensions import extended_attention

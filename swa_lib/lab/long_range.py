@@ -6,7 +6,7 @@ the ``?`` is controlled, so accuracy can be read off as a function of distance. 
 ``stride``-th position holds a marker ``|`` (a slot that one variant turns into a global token;
 for the others it is just a token). Chance is 10%.
 
-The variants (:class:`Variant`, :func:`standard_variants`), all on :class:`~swa_lib.model.TinyLM`:
+The variants (:class:`Variant`, :func:`standard_variants`), all on :class:`~swa_lib.lab.model.TinyLM`:
 
 * ``sliding``: every layer a causal window ``(w, 0)``; reach ``layers * w`` at best;
 * ``global``: the same windows plus the marker positions as *causal* global tokens (below);
@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dense import expand_kv
-from .masks import AttentionPattern
+from ..backends.dense import expand_kv
+from ..masks import AttentionPattern
 from .model import BOS, Attention, ModelConfig, TinyLM, TrainConfig, fit
 
 __all__ = [
@@ -115,7 +115,7 @@ def causal_global_mask(n: int, left: int, stride: Optional[int]) -> torch.Tensor
 
 
 class CausalGlobalAttention(Attention):
-    """:class:`~swa_lib.model.Attention` with causal global tokens at every ``stride``-th position.
+    """:class:`~swa_lib.lab.model.Attention` with causal global tokens at every ``stride``-th position.
 
     Full forward pass only (no KV caches): the mask is dense, O(N^2) memory, fine at the task's size.
     """

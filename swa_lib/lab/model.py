@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import sliding_window_attention
-from .kv_cache import FullKVCache, RollingKVCache, SinkKVCache
-from .masks import UNBOUNDED
-from .rope import apply_rope, rope_cos_sin, rotate
+from ..attention import sliding_window_attention
+from ..kv_cache import FullKVCache, RollingKVCache, SinkKVCache
+from ..masks import UNBOUNDED
+from ..rope import apply_rope, rope_cos_sin, rotate
 
 __all__ = [
     "BOS",
@@ -321,13 +321,13 @@ _CORPUS = "corpus.json.gz"
 
 
 def corpus_text(files: Sequence[str] = TRAIN_FILES) -> str:
-    """Concatenate modules of the corpus shipped in ``swa_lib/data`` (nothing is downloaded).
+    """Concatenate modules of the corpus shipped in ``swa_lib/lab/data`` (nothing is downloaded).
 
     The corpus is a fixed copy of fourteen CPython 3.11.7 standard-library sources (PSF License
-    Version 2; ``swa_lib/data/README.md`` says where it comes from), so training and evaluation see
+    Version 2; ``swa_lib/lab/data/README.md`` says where it comes from), so training and evaluation see
     the same bytes on every Python version and machine.
     """
-    with resources.files("swa_lib.data").joinpath(_CORPUS).open("rb") as f:
+    with resources.files("swa_lib.lab.data").joinpath(_CORPUS).open("rb") as f:
         texts = json.loads(gzip.decompress(f.read()))["files"]
     missing = [name for name in files if name not in texts]
     if missing:

@@ -1,8 +1,8 @@
 """Dilation, global tokens and sinks on top of any band backend, exactly and in O(N * (w + g)).
 
 A *band function* ``band_fn(q, k, v, left, right, scale) -> (out, lse)`` computes plain sliding
-window attention and the log-sum-exp of every row (:func:`swa_lib.blocked.band_attention`,
-:func:`swa_lib.chunked.chunked_band_attention`). This module turns it into the full
+window attention and the log-sum-exp of every row (:func:`swa_lib.backends.blocked.band_attention`,
+:func:`swa_lib.backends.chunked.chunked_band_attention`). This module turns it into the full
 :class:`~swa_lib.masks.AttentionPattern`:
 
 * **Dilation d** (one per head allowed). Query ``i`` sees keys ``j = i - m d`` inside the window.
@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from .masks import AttentionPattern
+from ..masks import AttentionPattern
 
 __all__ = ["extended_attention", "dilated_band"]
 

@@ -1,4 +1,4 @@
-"""The backend registry: which implementations exist and what each can do.
+"""The backend registry: which implementations exist and what each can do (Triton-free).
 
 Every backend is a function ``fn(q, k, v, pattern, scale) -> out`` on validated ``(B, H, N, D)``
 tensors, registered with its capabilities. :func:`swa_lib.sliding_window_attention` asks the
@@ -10,33 +10,41 @@ capabilities cover the call. A backend asked for by name that cannot do the call
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
-from .masks import AttentionPattern
+from ..masks import AttentionPattern
 
-__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "choose_backend", "BACKENDS",
-           "compute_dtype", "refuse_double_backward"]
+__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "choose_backend", "BACKENDS"]
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionPattern, float], torch.Tensor]
 
 
+ALL_DEVICES = frozenset({"cpu", "cuda"})
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
 @dataclass(frozen=True)
 class Backend:
-    """A registered implementation and what it supports.
+    """A registered implementation and what it can run: one row of the capability table.
 
     Attributes:
         name: the string users pass as ``backend=``.
         fn: ``fn(q, k, v, pattern, scale) -> out``.
         priority: ``"auto"`` prefers higher numbers (faster backends).
         devices: device types it runs on (``"cpu"``, ``"cuda"``).
-        dtypes: floating dtypes it accepts.
+        dtypes: floating dtypes it accepts; ``device_dtypes`` narrows them on one device type.
+        head_dims: the query/key head dims it accepts (None: any).
+        same_value_dim: whether ``v`` must have the head dim of ``q`` and ``k``.
         dilation, global_tokens, sinks, gqa, cross_length: pattern features it implements
             (``cross_length``: fewer queries than keys, as in cached decoding).
         autograd: whether gradients flow through it.
         is_available: a check for optional dependencies (e.g. Triton).
+        devices_now: the device types it can run on in this process, found at call time, when
+            that is decided by the environment (Triton: CUDA compiled, or CPU in the interpreter).
         auto: whether ``"auto"`` may choose it (the loop oracle never is chosen).
+        auto_devices: the device types on which ``"auto"`` may choose it.
         max_auto_len: ``"auto"`` skips it above this many keys (dense paths are O(N^2)).
         wide_windows: ``"auto"`` prefers it when the window covers at least half of the keys
             (then an O(N^2) fused kernel wastes at most 2x and beats banded code).
@@ -45,8 +53,11 @@ class Backend:
     name: str
     fn: AttentionFn
     priority: int
-    devices: frozenset = frozenset({"cpu", "cuda"})
-    dtypes: frozenset = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    devices: frozenset = ALL_DEVICES
+    dtypes: frozenset = FLOAT_DTYPES
+    device_dtypes: Mapping[str, frozenset] = None
+    head_dims: Optional[frozenset] = None
+    same_value_dim: bool = False
     dilation: bool = True
     global_tokens: bool = True
     sinks: bool = True
@@ -54,18 +65,33 @@ class Backend:
     cross_length: bool = True
     autograd: bool = True
     is_available: Callable[[], bool] = lambda: True
+    devices_now: Optional[Callable[[], frozenset]] = None
     auto: bool = True
+    auto_devices: frozenset = ALL_DEVICES
     max_auto_len: Optional[int] = None
     wide_windows: bool = False
 
-    def unsupported(self, q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern) -> Optional[str]:
+    def dtypes_on(self, device_type: str) -> frozenset:
+        """The dtypes it accepts on one device type."""
+        return (self.device_dtypes or {}).get(device_type, self.dtypes)
+
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern,
+                    v: Optional[torch.Tensor] = None) -> Optional[str]:
         """Why this backend cannot run the call, or None if it can."""
         if not self.is_available():
             return f"backend {self.name!r} is not available here (missing optional dependency or device)"
-        if q.device.type not in self.devices:
-            return f"backend {self.name!r} does not run on device {q.device.type!r} (runs on {sorted(self.devices)})"
-        if q.dtype not in self.dtypes:
-            return f"backend {self.name!r} does not support dtype {q.dtype}"
+        device = q.device.type
+        now = self.devices if self.devices_now is None else self.devices_now()
+        if device not in self.devices or device not in now:
+            runs_on = sorted(now & self.devices)
+            return f"backend {self.name!r} does not run on device {device!r} in this process (runs on {runs_on})"
+        if q.dtype not in self.dtypes_on(device):
+            names = sorted(str(d).replace("torch.", "") for d in self.dtypes_on(device))
+            return f"backend {self.name!r} does not support dtype {q.dtype} on {device!r} (supports {names})"
+        if self.head_dims is not None and q.shape[-1] not in self.head_dims:
+            return f"backend {self.name!r} supports head dims {sorted(self.head_dims)}, got {q.shape[-1]}"
+        if self.same_value_dim and v is not None and v.shape[-1] != q.shape[-1]:
+            return f"backend {self.name!r} needs v's head dim ({v.shape[-1]}) to equal q's ({q.shape[-1]})"
         if pattern.max_dilation > 1 and not self.dilation:
             return f"backend {self.name!r} does not support dilation (got dilation={pattern.dilation})"
         if pattern.global_tokens is not None and not self.global_tokens:
@@ -119,7 +145,7 @@ def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: Attenti
             reverse=True,
         )
         for backend in candidates:
-            if backend.unsupported(q, k, pattern) is not None:
+            if q.device.type not in backend.auto_devices or backend.unsupported(q, k, pattern, v) is not None:
                 continue
             if needs_grad and not backend.autograd:
                 continue
@@ -128,30 +154,9 @@ def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: Attenti
             return backend
         raise ValueError("no registered backend can run this call")  # loop/dense cover everything
     backend = get_backend(name)
-    reason = backend.unsupported(q, k, pattern)
+    reason = backend.unsupported(q, k, pattern, v)
     if reason is not None:
         raise ValueError(reason)
     if needs_grad and not backend.autograd:
         raise ValueError(f"backend {name!r} does not support autograd; call it under torch.no_grad()")
     return backend
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype every backend computes scores, softmax and sums in: float32 for float16 and
-    bfloat16 inputs (a float16 dot product overflows at 65504, long before softmax would), the
-    input dtype for float32 and float64. Outputs are rounded back to the input dtype once."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def refuse_double_backward(backend: str) -> None:
-    """Call first in the ``backward`` of a hand-written ``autograd.Function``.
-
-    Grad mode is on inside ``backward`` only under ``create_graph=True`` (a gradient penalty, a
-    Hessian-vector product). Such a backward computes first-order gradients with no graph behind
-    them, so the second-order term would be dropped without a word: raise instead.
-    """
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"backend {backend!r} has no double backward (torch.autograd.grad(..., create_graph=True)); "
-            "use backend='dense', 'sdpa', 'chunked' or 'loop', whose gradients are ordinary autograd"
-        )

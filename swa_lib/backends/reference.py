@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends import compute_dtype
-from .masks import AttentionPattern
+from .common import compute_dtype
+from ..masks import AttentionPattern
 
 __all__ = ["loop_attention"]
 

@@ -25,14 +25,14 @@ For n = 8, w = 2 the chunks are tokens 0-3, 2-5 and 4-7::
 
 Each chunk product computes ``4 w^2`` scores for ``2w`` rows whose band needs about ``2 w^2``
 of them: overlapping chunks do twice the useful work (chapter 5), which
-:mod:`swa_lib.blocked` avoids. Memory is O(n * w): the chunk products and the band.
+:mod:`swa_lib.backends.blocked` avoids. Memory is O(n * w): the chunk products and the band.
 
 Windows: any inclusive ``(left, right)`` runs on the band of ``w = max(left, right, 1)`` and
 masks the offsets outside ``[-left, right]``, so a causal window ``(w, 0)`` wastes the right
 half of the band. Any ``n`` works: the sequence is padded to a multiple of ``w`` (at least
 ``2w``) and the padding is masked. Fewer queries than keys are handled by padding the queries
 at the front, grouped-query attention by repeating key/value heads. Backward is plain autograd.
-Dilation and global tokens are added by :mod:`swa_lib.extensions`.
+Dilation and global tokens are added by :mod:`swa_lib.backends.extensions`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backends import compute_dtype
+from .common import compute_dtype
 from .dense import expand_kv
-from .masks import AttentionPattern
+from ..masks import AttentionPattern
 
 __all__ = [
     "chunk",
@@ -163,7 +163,7 @@ def chunked_band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain band attention by sliding chunks; returns ``(out, lse)`` like
-    :func:`swa_lib.blocked.band_attention` (same shapes and conventions: half-precision inputs
+    :func:`swa_lib.backends.blocked.band_attention` (same shapes and conventions: half-precision inputs
     are computed in float32, ``out`` comes back in q's dtype and ``lse`` in float32)."""
     batch, heads, n_q, _ = q.shape
     n_k, d_v = k.shape[2], v.shape[3]
@@ -197,7 +197,7 @@ def chunked_attention(
 
     Time O(B * H * N * w * D) with ``w = max(left, right)`` (about twice the band's useful
     work), memory O(B * H * N * w). Patterns with dilation, global tokens or sinks go through
-    :mod:`swa_lib.extensions`.
+    :mod:`swa_lib.backends.extensions`.
     """
     if not pattern.is_plain:
         from .extensions import extended_attention

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .masks import check_window
+from ..masks import check_window, visible_keys
 
 __all__ = ["score_count", "attention_flops", "time_call", "peak_memory", "can_measure_cpu_memory"]
 
@@ -34,16 +34,8 @@ def score_count(n: int, window=None, *, heads: int = 1, batch: int = 1) -> int:
     if window is None:
         per_head = n * n
     else:
-        left, right = check_window(window)
-        # row i sees keys max(0, i-left) .. min(n-1, i+right)
-        per_head = sum(min(n - 1, i + right) - max(0, i - left) + 1 for i in range(n)) if n < 10**6 else _band_count(n, left, right)
+        per_head = visible_keys(n, *check_window(window))  # clipped rows at both ends counted
     return per_head * heads * batch
-
-
-def _band_count(n: int, left: int, right: int) -> int:
-    """Closed form of the band size, for large n."""
-    left, right = min(left, n - 1), min(right, n - 1)
-    return n * (left + right + 1) - left * (left + 1) // 2 - right * (right + 1) // 2
 
 
 def attention_flops(n: int, d: int, keys_per_query: float, *, heads: int = 1, batch: int = 1) -> float:

@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import refuse_double_backward
-from .masks import AttentionPattern
+from ..common import refuse_double_backward
+from ...masks import AttentionPattern
 
 __all__ = [
     "INTERPRETER",
@@ -671,7 +671,7 @@ class _Prepared:
             if x.device.type != want:
                 how = ("this process runs Triton's CPU interpreter (TRITON_INTERPRET=1)" if INTERPRETER
                        else "the compiled kernel needs CUDA tensors (for CPU, set TRITON_INTERPRET=1 "
-                            "before swa_lib.triton_kernel is imported)")
+                            "before swa_lib.backends.triton is imported)")
                 raise ValueError(f"{name} is on {x.device}, but {how}")
         batch, heads, n, d = q.shape
         heads_kv = k.shape[1]
@@ -834,7 +834,7 @@ def triton_sliding_window_attention(
     O(N * S) for S sinks; dilation keeps the band's cost (holes are masked, not skipped).
     Accumulation is in fp32; the saved logsumexp is fp32.
     """
-    from .attention import validate_call
+    from ...attention import validate_call
 
     pattern, scale = validate_call(q, k, v, window, dilation=dilation, global_tokens=global_tokens,
                                    sinks=sinks, scale=scale)

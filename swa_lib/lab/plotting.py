@@ -15,6 +15,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
+from matplotlib.patches import Rectangle
+
+from ..kv_cache import RollingKVCache
 
 __all__ = [
     "PALETTE",
@@ -24,6 +27,9 @@ __all__ = [
     "plot_scaling",
     "fit_loglog_slope",
     "plot_receptive_field",
+    "plot_rolling_buffer",
+    "plot_decode_bench",
+    "plot_reach_growth",
 ]
 
 #: Okabe-Ito colours: distinguishable with the common forms of colour blindness.
@@ -146,4 +152,78 @@ def plot_receptive_field(influence: np.ndarray, *, window_text: str = "", ax=Non
     fig.colorbar(im, ax=ax, label="log10 |d out[last] / d x[pos]|")
     if window_text:
         ax.set_title(window_text)
+    return fig
+
+
+def plot_rolling_buffer(window: int, steps, *, ax=None):
+    """Draw which position sits in each slot of a rolling buffer after each of ``steps`` writes.
+
+    One row per step (token count), one column per slot; the slot written last is outlined.
+    """
+    steps = list(steps)
+    if ax is None:
+        fig, ax = new_figure(width=0.8 * window + 2.6, height=0.45 * len(steps) + 1.4)
+    else:
+        fig = ax.figure
+    cache = RollingKVCache(1, 1, window, 1)  # only its slot bookkeeping is used
+    ax.set_xlim(-0.5, window - 0.5)
+    ax.set_ylim(len(steps) - 0.5, -0.5)
+    for row, seen in enumerate(steps):
+        cache.seen = seen
+        for slot, p in enumerate(cache.slots()):
+            wrapped = p >= window
+            color = "#F2F2F2" if p < 0 else (PALETTE[1] if wrapped else PALETTE[5])
+            last = p == seen - 1
+            ax.add_patch(Rectangle((slot - 0.45, row - 0.4), 0.9, 0.8, facecolor=color,
+                                   edgecolor="black" if last else "white", linewidth=2 if last else 0.5))
+            if p >= 0:
+                ax.text(slot, row, str(p), ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(window))
+    ax.set_yticks(range(len(steps)), [f"after {s}" for s in steps])
+    ax.set_xlabel("slot (position p goes to slot p mod W)")
+    ax.set_title(f"rolling buffer, W = {window}\n(orange: overwrote an older token)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_decode_bench(data: dict):
+    """Decode speed and cache memory against generated length, from ``decode_bench.json``."""
+    fig, axes = new_figure(ncols=2, width=5.0, height=3.8)
+    ax1, ax2 = axes[0, 0], axes[0, 1]
+    for color, (name, recs) in zip(PALETTE, data["results"].items()):
+        n = [r["tokens"] for r in recs]
+        ax1.plot(n, [r["tokens_per_s"] for r in recs], "o-", color=color, label=name, markersize=3)
+        ax2.plot(n, [r["cache_bytes"] / 2**20 for r in recs], "o-", color=color, label=name, markersize=3)
+    ax1.set_xlabel("tokens generated")
+    ax1.set_ylabel("decode speed (tokens/s)")
+    ax1.set_yscale("log")
+    m = data["model"]
+    ax1.set_title(f"TinyLM decode (width {m['dim']}, {m['layers']} layers), W = {data['window']}, batch 1, CPU",
+                  fontsize=10)
+    ax2.set_xlabel("tokens generated")
+    ax2.set_ylabel("KV cache memory (MiB)")
+    ax2.set_title("cache memory (tensor sizes)")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_reach_growth(curves: dict, measured: Optional[dict] = None, *, ax=None, ylabel: str = "receptive field (tokens)"):
+    """Receptive field size against depth: ``curves`` (label -> sizes per layer) as lines,
+    ``measured`` (same labels) as markers on top. Returns the matplotlib Figure."""
+    if ax is None:
+        fig, ax = new_figure(width=6, height=4)
+    else:
+        fig = ax.figure
+    for color, (label, sizes) in zip(PALETTE, curves.items()):
+        depth = np.arange(1, len(sizes) + 1)
+        ax.plot(depth, sizes, "-", color=color, label=f"{label} (analytic)")
+        if measured and label in measured:
+            m = measured[label]
+            ax.plot(np.arange(1, len(m) + 1), m, "o", color=color, label=f"{label} (measured)")
+    ax.set_xlabel("number of layers L")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=True, facecolor="white")
     return fig

@@ -8,7 +8,7 @@ tokens. In swa_lib the window is the *span* a layer covers, so dilation does not
 layer's reach: it removes keys inside the span (at a fixed number of keys, dilation d therefore
 buys d times the reach; chapter 7). Global tokens connect everything in one layer.
 
-:func:`theoretical_reach` computes this on paper; :func:`measure_influence` measures it: it
+:func:`swa_lib.schedule_reach` computes this on paper; :func:`measure_influence` measures it: it
 builds a small random stack of attention layers and takes the gradient of one output position
 with respect to every input position. A position outside the receptive field has *exactly*
 zero gradient (no path through the network reaches it), so the support of the gradient is the
@@ -24,55 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import sliding_window_attention
-from .masks import check_window
+from ..attention import sliding_window_attention
+from ..schedule import LayerWindow, as_layers
 
-__all__ = ["LayerWindow", "theoretical_reach", "receptive_field_size", "AttentionStack", "measure_influence"]
-
-
-@dataclass(frozen=True)
-class LayerWindow:
-    """The attention pattern of one layer: an inclusive window, dilation, and global tokens."""
-
-    window: tuple[int, int]
-    dilation: Union[int, tuple[int, ...]] = 1
-    global_tokens: Optional[tuple[int, ...]] = None  # positions of global tokens, if any
-
-    def __post_init__(self):
-        object.__setattr__(self, "window", check_window(self.window))
-
-    @property
-    def reach(self) -> tuple[int, int]:
-        """How far one layer reaches (left, right): its window span (dilation thins the span)."""
-        return self.window
-
-
-def _as_layers(layers, num_layers: Optional[int] = None) -> list[LayerWindow]:
-    if isinstance(layers, LayerWindow):
-        return [layers] * (num_layers or 1)
-    if isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
-        return [LayerWindow(layers)] * (num_layers or 1)
-    return [x if isinstance(x, LayerWindow) else LayerWindow(tuple(x)) for x in layers]
-
-
-def theoretical_reach(layers, num_layers: Optional[int] = None) -> tuple[int, int]:
-    """Total (left, right) reach of a stack: the sum of the layers' reaches.
-
-    ``layers`` is a window ``(left, right)`` repeated ``num_layers`` times, or a list of
-    windows / :class:`LayerWindow`. Global tokens are ignored here (they make the reach
-    unbounded in one layer).
-
-    >>> theoretical_reach((4096, 0), 32)   # Mistral 7B: 32 layers, window 4096
-    (131072, 0)
-    """
-    stack = _as_layers(layers, num_layers)
-    return (sum(l.reach[0] for l in stack), sum(l.reach[1] for l in stack))
-
-
-def receptive_field_size(layers, num_layers: Optional[int] = None) -> int:
-    """Number of input positions one output can depend on: left reach + right reach + 1."""
-    left, right = theoretical_reach(layers, num_layers)
-    return left + right + 1
+__all__ = ["AttentionStack", "measure_influence"]
 
 
 class AttentionStack(nn.Module):
@@ -136,7 +91,7 @@ def measure_influence(
     (summed over features) after ``l + 1`` layers. Computed in float64, where positions
     outside the receptive field get exactly 0.
     """
-    stack_spec = _as_layers(layers, num_layers)
+    stack_spec = as_layers(layers, num_layers)
     model = AttentionStack(stack_spec, d_model=d_model, heads=heads, seed=seed).double()
     gen = torch.Generator().manual_seed(seed + 1)
     x0 = torch.randn(1, n, d_model, generator=gen, dtype=torch.float64)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -43,7 +42,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from swa_lib.lab import results # noqa: E402
+from swa_lib.lab import results  # noqa: E402
 from swa_lib.distributed import (  # noqa: E402
     ShardLayout,
     _exchange,
@@ -204,7 +203,7 @@ def main(argv=None):
     rows = measure([2, 4], sizes, reps)
     data = {
         "description": "per-rank communication of one K/V exchange: halo vs all-gather (gloo, loopback)",
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+        "machine": results.machine(),
         "torch": torch.__version__,
         "shape": {"B": B, "H": H, "H_kv": H_KV, "D": D, "dtype": "float32"},
         "window": list(WINDOW),

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -44,8 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import swa_lib  # noqa: E402
-from swa_lib.lab import results # noqa: E402
-from swa_lib.masks import AttentionPattern  # noqa: E402
+from swa_lib.lab import results  # noqa: E402
+from swa_lib.lab.cost import peak_memory  # noqa: E402
+from swa_lib.masks import AttentionPattern, visible_keys  # noqa: E402
 
 B, H, D = 1, 4, 64
 DEFAULT_SIZES = [128, 1024, 4096, 16384, 32768, 65536]
@@ -63,21 +63,6 @@ class NotApplicable(Exception):
 
 
 # --- measurement helpers ------------------------------------------------------------------
-def peak_rss() -> int:
-    try:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-    except OSError:
-        return 0
-
-
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 LAST_CPU_S = [0.0]  # process CPU time of the best call of the last measure()
 
 
@@ -89,25 +74,18 @@ def measure(fn, repeats: int, warm: bool = True):
     """
     if warm:
         fn()
-    times, cpu = [], []
-    peak = 0
-    for _ in range(repeats):
-        ok = reset_peak()
-        base = peak_rss()
+    times, cpu, peaks = [], [], [0]
+
+    def timed():
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-        if ok:
-            peak = max(peak, peak_rss() - base)
+
+    for _ in range(repeats):
+        peaks.append(peak_memory(timed) or 0)  # None where the peak cannot be measured
     LAST_CPU_S[0] = min(cpu)
-    return min(times), peak
-
-
-def visible_keys(n: int, left: int, right: int) -> int:
-    """sum over queries of the number of keys in the window, clipped to the sequence: O(n)."""
-    i = torch.arange(n, dtype=torch.int64)
-    return int(((i + right).clamp(max=n - 1) - (i - left).clamp(min=0) + 1).sum())
+    return min(times), max(peaks)
 
 
 def load_average() -> list:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from swa_lib.lab.model import ModelConfig, TinyLM  # noqa: E402
-from swa_lib.kv_cache import plot_decode_bench  # noqa: E402
-from swa_lib.lab.results import path as result_path  # noqa: E402
+from swa_lib.lab.plotting import plot_decode_bench  # noqa: E402
+from swa_lib.lab.results import machine, path as result_path  # noqa: E402
 
 W = 64
 METHODS = ["rolling", "sinks", "recompute", "full"]
@@ -109,8 +108,7 @@ def main(argv=None) -> None:
         "model": {"dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads, "head_dim": cfg.head_dim,
                   "dtype": "float32", "batch": 1},
         "results": results,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "loadavg": os.getloadavg()},
+        "machine": dict(machine(), load_average=list(os.getloadavg())),
     }
     result_path("decode_bench").write_text(json.dumps(data, indent=1))
     fig = plot_decode_bench(data)

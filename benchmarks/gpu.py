@@ -17,8 +17,9 @@ and symmetric (256, 256); forward and forward+backward. Methods, all measured in
 Reported: milliseconds (median of CUDA-event timings), useful TFLOP/s and peak memory.
 Useful FLOPs count only the visible scores: forward ``4 * B * H * N * keys_per_query * D``
 (two matmuls of 2 FLOPs per multiply-add), forward+backward 2.5x that (the backward does five
-matmuls to the forward's two). ``keys_per_query`` is exact for the window at that N; for full
-causal SDPA it is (N + 1) / 2, so its TFLOP/s is comparable. Peak memory is the largest
+matmuls to the forward's two). ``keys_per_query`` is ``swa_lib.masks.visible_keys(N, left,
+right) / N``, exact for the window at that N; for full causal SDPA it is (N + 1) / 2, so its
+TFLOP/s is comparable. Peak memory is the largest
 ``torch.cuda.max_memory_allocated`` during one call, minus the inputs.
 
 The first call at each new shape autotunes the Triton kernel (and compiles FlexAttention); the
@@ -42,7 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from swa_lib.lab import results # noqa: E402
+from swa_lib.lab import results  # noqa: E402
+from swa_lib.masks import visible_keys  # noqa: E402
 
 B, D = 1, 128
 HEADS = [(16, 16), (16, 4)]  # (H, H_kv): MHA and a GQA case
@@ -56,19 +58,10 @@ _FLEX = None
 
 
 # ---- pure helpers (unit-tested on CPU) ------------------------------------------------------
-def keys_per_query(n: int, left: int, right: int) -> float:
-    """Average number of keys i - left <= j <= i + right inside [0, n): exact, O(1)."""
-    left, right = min(left, n - 1), min(right, n - 1)
-    # sum over i of (min(i + right, n - 1) - max(i - left, 0) + 1)
-    full = n * (left + right + 1)
-    clipped_left = left * (left + 1) // 2  # queries near the start lose keys on the left
-    clipped_right = right * (right + 1) // 2
-    return (full - clipped_left - clipped_right) / n
-
-
 def useful_flops(n: int, heads: int, left: int, right: int, mode: str, batch: int = B, d: int = D) -> float:
     """4 * B * H * N * keys_per_query * D forward; 2.5x that for forward+backward."""
-    fwd = 4.0 * batch * heads * n * keys_per_query(n, left, right) * d
+    keys_per_query = visible_keys(n, left, right) / n  # exact for the window at this N
+    fwd = 4.0 * batch * heads * n * keys_per_query * d
     return fwd if mode == "fwd" else 2.5 * fwd
 
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 
 from swa_lib.lab.long_range import NeedleTask, Variant, run_variant, standard_variants
-from swa_lib.lab.model import TrainConfig
+from swa_lib.lab.training import TrainConfig
 from swa_lib.lab.plotting import PALETTE, new_figure
-from swa_lib.lab.results import path as result_path
+from swa_lib.lab.results import machine, path as result_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,8 +65,7 @@ def main() -> None:
               flush=True)
         runs.append(r)
 
-    out = {"args": vars(args), "machine": platform.processor() or platform.machine(),
-           "torch": torch.__version__, "runs": runs}
+    out = {"args": vars(args), "machine": machine(), "runs": runs}
     result_path("long_range").write_text(json.dumps(out, indent=1))
     fig, ax = new_figure(width=7, height=4)
     for color, r in zip(PALETTE, runs[:4]):

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     data = {"what": "chapter 10's demo model retrained per seed and numerical code path",
             "runs": runs, "summary": summary(runs)}
     Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    from swa_lib.lab.sinks import format_spread
+    from swa_lib.lab.sinks_run import format_spread
 
     print(format_spread(data))
 

@@ -11,10 +11,11 @@ import torch
 from .backends import choose_backend
 from .masks import UNBOUNDED, AttentionPattern, check_window
 
-__all__ = ["sliding_window_attention", "make_pattern", "validate_call"]
+__all__ = ["sliding_window_attention", "make_pattern", "validate_call", "check_tensor", "check_qkv", "global_mask"]
 
 
-def _check_tensor(name: str, x) -> torch.Tensor:
+def check_tensor(name: str, x) -> torch.Tensor:
+    """``x`` if it is a floating-point ``torch.Tensor`` with 4 dims, else a TypeError/ValueError naming ``name``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4:
@@ -24,9 +25,10 @@ def _check_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
-def _check_qkv(q, k, v) -> None:
+def check_qkv(q, k, v) -> None:
+    """The shapes, dtypes and devices :func:`sliding_window_attention` accepts for ``q, k, v``."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x)
+        check_tensor(name, x)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -46,10 +48,11 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"more queries than keys is not supported: q has N={nq}, k has N={nk}")
 
 
-def _global_mask(global_tokens, batch: int, n: int, device) -> Optional[torch.Tensor]:
-    """Normalise global tokens to a bool mask (B, n).
+def global_mask(global_tokens, batch: int, n: int, device) -> Optional[torch.Tensor]:
+    """Normalise global tokens to a bool mask ``(batch, n)`` on ``device``; None for none.
 
-    Accepts a bool mask (B, n) or (n,), or integer indices (G,) shared by the batch or (B, G).
+    Accepts a bool mask ``(B, n)`` or ``(n,)``, or integer positions ``(G,)`` shared by the
+    batch or ``(B, G)``, and raises TypeError/ValueError for anything else.
     """
     if global_tokens is None:
         return None
@@ -104,21 +107,29 @@ def make_pattern(
     if global_tokens is not None:
         if n is None:
             raise ValueError("global tokens need the sequence length n")
-        g = _global_mask(global_tokens, batch, n, device)
+        g = global_mask(global_tokens, batch, n, device)
         if g is not None and not bool(g.any()):
             g = None  # an empty set of global tokens is no global tokens
-    pattern = AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)  # validates
-    return pattern if n is None else _within_sequence(pattern, n)
+    if n is not None:
+        left, right, dilation, sinks = _within_sequence(left, right, dilation, sinks, n)
+    return AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)  # validates
 
 
-def _within_sequence(p: AttentionPattern, n: int) -> AttentionPattern:
-    """The same pattern with sizes no sequence can tell apart cut down: windows and sinks to
+def _within_sequence(left: int, right: int, dilation, sinks, n: int):
+    """The same sizes with what no sequence can tell apart cut down: windows and sinks to
     ``UNBOUNDED`` (2**62, so masks stay int64), a dilation to ``n`` (for ``d >= n`` a query sees
-    only itself inside the window, whatever ``d`` is). 2**64 or 10**7 then cost what ``n`` costs."""
+    only itself inside the window, whatever ``d`` is). 2**64 or 10**7 then cost what ``n`` costs.
+    Values of the wrong type pass through unchanged, for :class:`AttentionPattern` to refuse."""
     cap = max(n, 1)
-    dilation = min(p.dilation, cap) if isinstance(p.dilation, int) else tuple(min(d, cap) for d in p.dilation)
-    return AttentionPattern(min(p.left, UNBOUNDED), min(p.right, UNBOUNDED), dilation=dilation,
-                            sinks=min(p.sinks, UNBOUNDED), global_tokens=p.global_tokens)
+
+    def capped(x, limit):
+        return min(x, limit) if isinstance(x, int) and not isinstance(x, bool) else x
+
+    if isinstance(dilation, Sequence) and not isinstance(dilation, (str, bytes)):
+        dilation = tuple(capped(d, cap) for d in dilation)
+    else:
+        dilation = capped(dilation, cap)
+    return min(left, UNBOUNDED), min(right, UNBOUNDED), dilation, capped(sinks, UNBOUNDED)
 
 
 def validate_call(q, k, v, window, *, dilation=1, global_tokens=None, sinks=0, scale=None):
@@ -127,7 +138,7 @@ def validate_call(q, k, v, window, *, dilation=1, global_tokens=None, sinks=0, s
     Every public entry point that takes q, k, v and a window (the Triton function included)
     goes through here, so they all reject bad input with the same messages.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:

@@ -33,6 +33,9 @@ from typing import Optional
 
 import torch
 
+from .attention import check_tensor
+from .masks import check_int
+
 __all__ = ["unrotate", "RollingKVCache", "SinkKVCache", "FullKVCache"]
 
 
@@ -45,8 +48,7 @@ def unrotate(buffer: torch.Tensor, seen: int) -> torch.Tensor:
     """
     if buffer.ndim != 4:
         raise ValueError(f"buffer must have shape (B, H, W, D), got {tuple(buffer.shape)}")
-    if isinstance(seen, bool) or not isinstance(seen, int) or seen < 0:
-        raise ValueError(f"seen must be a non-negative int, got {seen!r}")
+    check_int("seen", seen, 0)
     w = buffer.shape[2]
     if seen <= w:
         return buffer[:, :, :seen]
@@ -65,11 +67,8 @@ class _CacheBase:
     """
 
     def __init__(self, batch: int, heads_kv: int, capacity: int, head_dim: int, *, dtype, device):
-        for name, value in (("batch", batch), ("heads_kv", heads_kv), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"cache size must be a positive int, got {capacity!r}")
+        for name, value in (("batch", batch), ("heads_kv", heads_kv), ("head_dim", head_dim), ("cache size", capacity)):
+            check_int(name, value, 1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.batch, self.heads_kv, self.head_dim = batch, heads_kv, head_dim
@@ -78,10 +77,9 @@ class _CacheBase:
 
     def _check_new(self, k: torch.Tensor, v: torch.Tensor) -> int:
         for name, x in (("k", k), ("v", v)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            expected = (self.batch, self.heads_kv, x.shape[2] if x.ndim == 4 else "N", self.head_dim)
-            if x.ndim != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (self.batch, self.heads_kv, self.head_dim):
+            check_tensor(name, x)  # a floating-point (B, H, N, D) tensor, as the entry point wants
+            if (x.shape[0], x.shape[1], x.shape[3]) != (self.batch, self.heads_kv, self.head_dim):
+                expected = (self.batch, self.heads_kv, x.shape[2], self.head_dim)
                 raise ValueError(f"{name} must have shape {expected} (B, H_kv, N, D), got {tuple(x.shape)}")
             if x.dtype != self.dtype:
                 raise TypeError(f"{name} has dtype {x.dtype} but the cache holds {self.dtype}")
@@ -124,9 +122,7 @@ class RollingKVCache(_CacheBase):
                  max_chunk: Optional[int] = None, dtype=torch.float32, device="cpu"):
         super().__init__(batch, heads_kv, window, head_dim, dtype=dtype, device=device)
         self.window = window
-        self.max_chunk = window if max_chunk is None else max_chunk
-        if isinstance(self.max_chunk, bool) or not isinstance(self.max_chunk, int) or self.max_chunk < 1:
-            raise ValueError(f"max_chunk must be a positive int, got {max_chunk!r}")
+        self.max_chunk = window if max_chunk is None else check_int("max_chunk", max_chunk, 1)
         self.k = self._alloc(window)  # (B, H_kv, W, D)
         self.v = self._alloc(window)  # (B, H_kv, W, D)
 
@@ -202,8 +198,8 @@ class SinkKVCache(_CacheBase):
     def __init__(self, batch: int, heads_kv: int, window: int, head_dim: int, *, sinks: int = 4,
                  positions: str = "cache", dtype=torch.float32, device="cpu"):
         super().__init__(batch, heads_kv, window, head_dim, dtype=dtype, device=device)
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks < window:
-            raise ValueError(f"sinks must be an int in [0, window={window}), got {sinks!r}")
+        if check_int("sinks", sinks, 0) >= window:
+            raise ValueError(f"sinks must be below window={window}, got {sinks}")
         if positions not in ("cache", "original"):
             raise ValueError(f"positions must be 'cache' or 'original', got {positions!r}")
         self.window, self.sinks, self.positions = window, sinks, positions

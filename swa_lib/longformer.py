@@ -35,15 +35,14 @@ chosen backend's overheads (the ``"dense"``/``"sdpa"`` backends are O(N^2)).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .attention import sliding_window_attention
-from .masks import UNBOUNDED, from_longformer, global_token_positions
+from .attention import global_mask, make_pattern, sliding_window_attention
+from .masks import UNBOUNDED, check_int, from_longformer, global_token_positions
 
 __all__ = ["LongformerAttentionConfig", "LongformerSelfAttention", "split_hf_attention_mask", "hf_layer_attention_mask"]
 
@@ -67,21 +66,15 @@ class LongformerAttentionConfig:
     dilation: Union[int, tuple[int, ...]] = 1
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("hidden_size", self.hidden_size, 1)
+        check_int("num_heads", self.num_heads, 1)
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
             )
-        from_longformer(self.attention_window)  # validates: even, >= 2
-        if not isinstance(self.dilation, int):
-            object.__setattr__(self, "dilation", tuple(self.dilation))
-            if len(self.dilation) != self.num_heads:
-                raise ValueError(
-                    f"dilation per head needs {self.num_heads} entries, got {len(self.dilation)}: {self.dilation}"
-                )
+        # the entry point's checks of the window (even, >= 2) and the dilation (one per head)
+        pattern = make_pattern(self.window, dilation=self.dilation, heads=self.num_heads)
+        object.__setattr__(self, "dilation", pattern.dilation)  # an int, or a tuple per head
 
     @property
     def head_dim(self) -> int:
@@ -172,7 +165,9 @@ class LongformerSelfAttention(nn.Module):
         """Build from a transformers ``LongformerSelfAttention`` and copy its six projections."""
         for name in ("query", "key", "value", "query_global", "key_global", "value_global"):
             if not isinstance(getattr(hf_layer, name, None), nn.Linear):
-                raise TypeError(f"{type(hf_layer).__name__} has no nn.Linear {name!r}; expected a LongformerSelfAttention")
+                raise TypeError(
+                    f"{type(hf_layer).__name__} has no nn.Linear {name!r}; expected a LongformerSelfAttention"
+                )
         window = 2 * int(hf_layer.one_sided_attn_window_size)
         config = LongformerAttentionConfig(hf_layer.embed_dim, int(hf_layer.num_heads), window, dilation)
         module = cls(config, backend=backend).to(dtype=hf_layer.query.weight.dtype, device=hf_layer.query.weight.device)
@@ -193,7 +188,9 @@ class LongformerSelfAttention(nn.Module):
         """Longformer attention of ``hidden_states (B, N, E)``.
 
         Args:
-            global_tokens: bool ``(B, N)``, True for tokens with global attention.
+            global_tokens: tokens with global attention, in any form
+                :func:`swa_lib.sliding_window_attention` takes: a bool mask ``(B, N)`` or
+                ``(N,)``, or integer positions ``(G,)`` or ``(B, G)``.
             padding: bool ``(B, N)``, True for padding tokens (invisible; their output is 0).
                 Use :func:`split_hf_attention_mask` to get both from transformers' layer mask.
         """
@@ -202,17 +199,12 @@ class LongformerSelfAttention(nn.Module):
         b, n, e = hidden_states.shape
         if e != self.config.hidden_size:
             raise ValueError(f"hidden_states has width {e}, the layer expects {self.config.hidden_size}")
-        masks = {}
-        for name, m in (("global_tokens", global_tokens), ("padding", padding)):
-            if m is None:
-                continue
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != (b, n):
-                raise ValueError(f"{name} must be a bool tensor of shape ({b}, {n}), got {getattr(m, 'shape', m)!r}")
-            masks[name] = m.to(hidden_states.device)
-        padding = masks.get("padding")
-        if padding is not None and not bool(padding.any()):
-            padding = None
-        glob = masks.get("global_tokens")
+        glob = global_mask(global_tokens, b, n, hidden_states.device)  # (B, N) or None: the entry point's rule
+        if padding is not None:
+            if not isinstance(padding, torch.Tensor) or padding.dtype != torch.bool or padding.shape != (b, n):
+                got = getattr(padding, "shape", padding)
+                raise ValueError(f"padding must be a bool tensor of shape ({b}, {n}), got {got!r}")
+            padding = padding.to(hidden_states.device) if bool(padding.any()) else None
         if glob is not None and padding is not None:
             glob = glob & ~padding  # a padding token is never global (transformers' merge rule)
         if glob is not None and not bool(glob.any()):

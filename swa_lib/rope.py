@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import torch
 
+from .masks import check_int
+
 __all__ = ["rope_frequencies", "rope_cos_sin", "rotate", "apply_rope", "apply_rope_reference"]
 
 
 def rope_frequencies(head_dim: int, base: float = 10000.0, *, device=None) -> torch.Tensor:
     """The ``D/2`` angular frequencies ``base ** (-2m / D)``, in float64 for exact angles."""
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
-        raise ValueError(f"RoPE needs a positive even head dimension, got {head_dim!r}")
+    if check_int("head_dim", head_dim, 1) % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
     if not base > 1:
         raise ValueError(f"RoPE base must be > 1, got {base!r}")
     m = torch.arange(head_dim // 2, dtype=torch.float64, device=device)

@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def make_qkv(b=1, h=2, n=7, d=8, *, h_kv=None, n_q=None, d_v=None, dtype=torch.float64, seed=0, requires_grad=False):
+def _random_qkv(b=1, h=2, n=7, d=8, *, h_kv=None, n_q=None, d_v=None, dtype=torch.float64, seed=0,
+                requires_grad=False):
     """Random q, k, v of shape (B, H, N, D) (k/v with H_kv heads), seeded."""
     gen = torch.Generator().manual_seed(seed)
     h_kv = h if h_kv is None else h_kv
@@ -32,7 +33,7 @@ def make_qkv(b=1, h=2, n=7, d=8, *, h_kv=None, n_q=None, d_v=None, dtype=torch.f
     return q, k, v
 
 
-def global_sets(n):
+def _global_sets(n):
     """Named global-token sets for length n: none, start, middle, end, all, and three mixtures."""
     return {
         "none": [],
@@ -46,6 +47,32 @@ def global_sets(n):
     }
 
 
-@pytest.fixture
-def qkv_factory():
-    return make_qkv
+# The fixtures hand out the factories themselves. Session scope: a factory holds no state, and
+# hypothesis refuses function-scoped fixtures in @given tests (they would not be reset between
+# its examples).
+@pytest.fixture(scope="session")
+def make_qkv():
+    """``make_qkv(b, h, n, d, *, h_kv, n_q, d_v, dtype, seed, requires_grad) -> (q, k, v)``."""
+    return _random_qkv
+
+
+@pytest.fixture(scope="session")
+def global_sets():
+    """``global_sets(n) -> {name: positions}``: none, start, middle, end, all and mixtures."""
+    return _global_sets
+
+
+def _assert_same_gradients(got, want, inputs, *, rtol=1e-10, atol=1e-10):
+    """The gradients w.r.t. ``inputs`` of two computations agree: ``got`` and ``want`` are
+    tuples of outputs (e.g. ``(out, lse)``), each weighted by the same random tensor."""
+    weights = [torch.randn_like(t) for t in got]
+    grads_got = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), inputs)
+    grads_want = torch.autograd.grad(sum((t * w).sum() for t, w in zip(want, weights)), inputs)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="session")
+def assert_same_gradients():
+    """``assert_same_gradients((out, lse), (ref, ref_lse), (q, k, v))``: their gradients agree."""
+    return _assert_same_gradients

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import swa_lib
-from conftest import make_qkv
 
 BACKENDS = ["blocked", "chunked"]
 SIZES = [1, 7, 97, 113]
@@ -31,13 +30,13 @@ def assert_equals_oracle(q, k, v, backend, oracle):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", SIZES)
-def test_forward_equals_dense(backend, n):
+def test_forward_equals_dense(backend, n, make_qkv):
     assert_equals_oracle(*make_qkv(2, 3, n, 16, seed=n), backend, "dense")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [7, 23])
-def test_forward_equals_loop_oracle(backend, n):
+def test_forward_equals_loop_oracle(backend, n, make_qkv):
     assert_equals_oracle(*make_qkv(1, 2, n, 4, seed=n), backend, "loop")
 
 

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 import swa_lib
 from swa_lib.backends.blocked import band_attention
 from swa_lib.backends.dense import expand_kv
-from conftest import make_qkv
 
 BACKEND = "blocked"
 # forward against dense and the loop oracle, and non-contiguous inputs: test_backends_agree.py
@@ -23,7 +22,7 @@ def dense_lse(q, k, window, scale):
 
 @pytest.mark.parametrize("block", [1, 4, 16, 64])
 @pytest.mark.parametrize("n", [97, 113])
-def test_block_sizes_and_lse(block, n):
+def test_block_sizes_and_lse(block, n, make_qkv):
     """Any block size (n not a multiple of it, bands longer than n) gives the same out and lse."""
     q, k, v = make_qkv(1, 2, n, 8, seed=block)
     for window in [(5, 3), (0, 17), (40, 0), (2 * n, 2 * n)]:
@@ -34,41 +33,33 @@ def test_block_sizes_and_lse(block, n):
 
 
 @pytest.mark.parametrize("window", [(0, 0), (1, 0), (3, 2), (9, 9), (40, 40)])
-def test_gradients_equal_dense(window):
+def test_gradients_equal_dense(window, make_qkv, assert_same_gradients):
     """Gradients of out and of lse (the custom backward) equal autograd through dense attention."""
     q, k, v = make_qkv(2, 4, 37, 5, h_kv=2, d_v=3, seed=3, requires_grad=True)
     out, lse = band_attention(q, k, v, *window, 0.4, block_size=8)
     ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(*window), 0.4)
     ref_lse = dense_lse(q, k, window, 0.4)
-    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
-    got = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), (q, k, v))
-    want = torch.autograd.grad((ref * g_out).sum() + (ref_lse * g_lse).sum(), (q, k, v))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_same_gradients((out, lse), (ref, ref_lse), (q, k, v))
 
 
 @pytest.mark.parametrize("window", [(0, 0), (2, 1), (6, 6)])
-def test_gradcheck(window):
+def test_gradcheck(window, make_qkv):
     q, k, v = make_qkv(1, 2, 9, 3, h_kv=1, requires_grad=True, seed=1)
     fn = lambda q, k, v: band_attention(q, k, v, *window, 0.5, block_size=4)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-def test_fewer_queries_than_keys_and_gqa():
+def test_fewer_queries_than_keys_and_gqa(make_qkv, assert_same_gradients):
     q, k, v = make_qkv(2, 6, 50, 8, h_kv=3, n_q=13, seed=5, requires_grad=True)
     for window in [(4, 0), (4, 4), (60, 2)]:
         out = swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)
         ref = swa_lib.sliding_window_attention(q, k, v, window, backend="dense")
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-        g = torch.randn_like(out)
-        got = torch.autograd.grad((out * g).sum(), (q, k, v))
-        want = torch.autograd.grad((ref * g).sum(), (q, k, v))
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert_same_gradients((out,), (ref,), (q, k, v))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_against_float64(dtype):
+def test_low_precision_against_float64(dtype, make_qkv):
     """fp32/bf16 (computed in fp32) stay within a small multiple of dense attention's own error."""
     q, k, v = make_qkv(1, 2, 200, 32, seed=7)
     ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(16, 16), 32**-0.5)
@@ -80,7 +71,7 @@ def test_low_precision_against_float64(dtype):
     assert err <= 2 * err_dense + 1e-6, (err, err_dense)
 
 
-def test_auto_prefers_blocked_on_cpu():
+def test_auto_prefers_blocked_on_cpu(make_qkv):
     q, k, v = make_qkv(1, 1, 64, 4)
     pattern = swa_lib.make_pattern((4, 4))
     assert swa_lib.backends.choose_backend("auto", q, k, pattern).name == "blocked"
@@ -95,7 +86,7 @@ def test_auto_prefers_blocked_on_cpu():
     block=st.integers(1, 20),
     heads_kv=st.sampled_from([1, 2]),
 )
-def test_property_equals_dense(n, n_q, left, right, block, heads_kv):
+def test_property_equals_dense(n, n_q, left, right, block, heads_kv, make_qkv):
     n_q = min(n_q, n)
     q, k, v = make_qkv(1, 2, n, 3, h_kv=heads_kv, n_q=n_q, seed=n + 7 * left)
     out, lse = band_attention(q, k, v, left, right, 0.7, block_size=block)

@@ -17,7 +17,6 @@ from swa_lib.backends.chunked import (
     unskew,
 )
 from swa_lib.backends.dense import expand_kv
-from conftest import make_qkv
 
 BACKEND = "chunked"
 # forward against dense and the loop oracle, and non-contiguous inputs: test_backends_agree.py
@@ -86,27 +85,23 @@ def test_values_step_equals_dense_product(n, w):
 
 
 @pytest.mark.parametrize("window", [(0, 0), (1, 0), (3, 2), (9, 9), (0, 6)])
-def test_gradients_equal_dense(window):
+def test_gradients_equal_dense(window, make_qkv, assert_same_gradients):
     q, k, v = make_qkv(2, 4, 37, 5, h_kv=2, d_v=3, seed=3, requires_grad=True)
     out, lse = chunked_band_attention(q, k, v, *window, 0.4)
     ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(*window), 0.4)
     mask = swa_lib.AttentionPattern(*window).mask(37)
     ref_lse = torch.logsumexp((q @ expand_kv(k, 4).transpose(-1, -2) * 0.4).masked_fill(~mask, float("-inf")), -1)
-    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
-    got = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), (q, k, v))
-    want = torch.autograd.grad((ref * g_out).sum() + (ref_lse * g_lse).sum(), (q, k, v))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_same_gradients((out, lse), (ref, ref_lse), (q, k, v))
 
 
 @pytest.mark.parametrize("window", [(0, 0), (2, 1), (4, 4)])
-def test_gradcheck(window):
+def test_gradcheck(window, make_qkv):
     q, k, v = make_qkv(1, 2, 9, 3, h_kv=1, requires_grad=True, seed=1)
     fn = lambda q, k, v: swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-def test_fewer_queries_than_keys_and_gqa():
+def test_fewer_queries_than_keys_and_gqa(make_qkv):
     q, k, v = make_qkv(2, 6, 50, 8, h_kv=3, n_q=13, seed=5)
     for window in [(4, 0), (4, 4), (60, 2)]:
         out = swa_lib.sliding_window_attention(q, k, v, window, backend=BACKEND)
@@ -116,7 +111,7 @@ def test_fewer_queries_than_keys_and_gqa():
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 60), n_q=st.integers(1, 60), left=st.integers(0, 70), right=st.integers(0, 70))
-def test_property_equals_dense(n, n_q, left, right):
+def test_property_equals_dense(n, n_q, left, right, make_qkv):
     n_q = min(n_q, n)
     q, k, v = make_qkv(1, 2, n, 3, n_q=n_q, seed=n + 7 * left)
     out = swa_lib.sliding_window_attention(q, k, v, (left, right), backend=BACKEND)

@@ -3,33 +3,46 @@
 Each world size is one ``torch.multiprocessing.spawn`` of gloo processes on 127.0.0.1 (start-up
 costs seconds, so all cases of a world run in that one spawn); every rank checks its output
 shard and its gradient shards against :func:`swa_lib.sliding_window_attention` on the full
-tensors, the worst error over ranks is all-reduced, and rank 0 writes one JSON record per case.
-The parametrised tests below then assert on those records.
+tensors with the comparison of the torchrun self-check (``benchmarks/distributed_check.py``),
+the worst error over ranks is all-reduced, and rank 0 writes one JSON record per case. The
+parametrised tests below then assert on those records.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from swa_lib import UNBOUNDED, sliding_window_attention
+from swa_lib import UNBOUNDED
 from swa_lib.distributed import (
     ShardLayout,
     gather_sequence,
     halo_tokens_sent,
     sequence_parallel_attention,
     shard_bounds,
-    shard_sequence,
 )
 
-TOL = 1e-5
+
+def _load_check():
+    """benchmarks/distributed_check.py, the torchrun self-check whose comparison runs here."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "distributed_check.py"
+    spec = importlib.util.spec_from_file_location("distributed_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CHECK = _load_check()
+TOL = CHECK.TOL
 
 # name: (N, shard sizes or None for even, B, H, H_kv, D, window, options)
 CASES = {
@@ -60,7 +73,7 @@ CASES = {
 }
 
 
-def _run_case(rank, world, spec, seed):
+def _run_case(world, spec, seed):
     n, sizes, b, h, h_kv, d, window, opts = spec
     sizes = sizes or [e - s for s, e in shard_bounds(n, world)]
     opts = dict(opts)
@@ -75,29 +88,13 @@ def _run_case(rank, world, spec, seed):
     k = torch.randn(b, h_kv, n, d, generator=gen)
     v = torch.randn(b, h_kv, n, d, generator=gen)
     grad_out = torch.randn(b, h, n, d, generator=gen)
-
-    full = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_opts = {key: val for key, val in opts.items() if key not in ("backend", "no_grad", "gather_sizes")}
-    ref = sliding_window_attention(*full, window, backend="dense", **ref_opts)
-    ref.backward(grad_out)
-
-    no_grad = opts.pop("no_grad", False)
-    given_sizes = None if opts.pop("gather_sizes", False) else sizes  # None: all-gathered inside
-    local = [shard_sequence(t, rank, sizes).clone().requires_grad_(not no_grad) for t in (q, k, v)]
-    with torch.set_grad_enabled(not no_grad):
-        out = sequence_parallel_attention(*local, window, shard_sizes=given_sizes, **opts)
-    errors = [(out - shard_sequence(ref, rank, sizes)).abs().max()]
-    if no_grad:
-        assert not out.requires_grad
-        errors += [torch.zeros(())] * 3
-    else:
-        out.backward(shard_sequence(grad_out, rank, sizes))
-        errors += [(x.grad - shard_sequence(y.grad, rank, sizes)).abs().max() for x, y in zip(local, full)]
-    err = torch.stack(errors).detach()
-    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    grad = not opts.pop("no_grad", False)
+    pass_sizes = not opts.pop("gather_sizes", False)  # else all-gathered inside
+    err, out, ref = CHECK.compare_with_one_device((q, k, v), grad_out, window, sizes, pass_sizes=pass_sizes,
+                                                  grad=grad, reference_backend="dense", **opts)
+    assert out.requires_grad == grad
     # Reassembled output equals the reference too (exercises gather_sequence).
-    whole = gather_sequence(out, sizes)
-    err_whole = float((whole - ref.detach()).abs().max())
+    err_whole = float((gather_sequence(out, sizes) - ref).abs().max())
     return {"out": float(err[0]), "dq": float(err[1]), "dk": float(err[2]), "dv": float(err[3]), "whole": err_whole}
 
 
@@ -123,6 +120,9 @@ def _errors_raised(rank, world):
     grab("global_out_of_range", lambda: sequence_parallel_attention(
         x, x, x, (1, 0), shard_sizes=[4] * world, global_tokens=torch.tensor([4 * world])))
     grab("cross_length", lambda: sequence_parallel_attention(x[:, :, :2], x, x, (1, 0), shard_sizes=[4] * world))
+    grab("zero_one_positions", lambda: sequence_parallel_attention(
+        x, x, x, (1, 0), shard_sizes=[4] * world, global_tokens=torch.tensor([1, 0] * 2 * world)))
+    grab("bad_scale", lambda: sequence_parallel_attention(x, x, x, (1, 0), shard_sizes=[4] * world, scale=0.0))
     return found
 
 
@@ -134,7 +134,7 @@ def _worker(rank, world, port, out_path):
     try:
         results = {}
         for i, (name, spec) in enumerate(CASES[world].items()):
-            results[name] = _run_case(rank, world, spec, seed=1000 * world + i)
+            results[name] = _run_case(world, spec, seed=1000 * world + i)
         errors = _errors_raised(rank, world)
         if rank == 0:
             with open(out_path, "w") as f:
@@ -177,11 +177,14 @@ def test_matches_single_process(world, case, tmp_path_factory):
     [
         ("bad_sizes_sum", "holds 4 tokens but shard_sizes says 3"),
         ("wrong_world", "entries but the group has"),
-        ("empty_shard", "rank 0 has 0"),
+        ("empty_shard", "tokens on rank 0 must be >= 1, got 0"),
         ("negative_window", "got -2"),
         ("per_batch_globals", "rows differ"),
         ("global_out_of_range", "max 8"),
         ("cross_length", "q has 2 tokens, k has 4"),
+        # the entry point's own checks, with its messages
+        ("zero_one_positions", "holding only 0 and 1"),
+        ("bad_scale", "scale must be a positive finite number, got 0.0"),
     ],
 )
 def test_bad_input_raises(name, fragment, tmp_path_factory):
@@ -219,7 +222,7 @@ def test_halo_volume_is_window_not_n():
 
 
 def test_layout_validation():
-    with pytest.raises(ValueError, match="rank 1 has 0"):
+    with pytest.raises(ValueError, match="tokens on rank 1 must be >= 1, got 0"):
         ShardLayout((3, 0))
     with pytest.raises(TypeError, match="2.5"):
         ShardLayout((3, 2.5))
@@ -233,3 +236,11 @@ def test_needs_process_group():
         pytest.skip("a process group is already initialised in this interpreter")
     with pytest.raises(RuntimeError, match="process group"):
         sequence_parallel_attention(x, x, x, (1, 0))
+
+
+def test_self_check_shard_sizes():
+    """The torchrun self-check's shards: even ones are shard_bounds', uneven ones grow with the rank."""
+    assert CHECK.shard_sizes(10, 4, uneven=False) == [e - s for s, e in shard_bounds(10, 4)]
+    assert CHECK.shard_sizes(1000, 2, uneven=True) == [333, 667]
+    sizes = CHECK.shard_sizes(97, 4, uneven=True)
+    assert sum(sizes) == 97 and sizes == sorted(sizes)

@@ -11,26 +11,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swa_lib
-from conftest import global_sets, make_qkv
 
 BACKENDS = ["blocked", "chunked"]
 N = 17
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("where", list(global_sets(N)))
-def test_global_tokens_equal_loop_oracle(backend, where):
-    q, k, v = make_qkv(1, 2, N, 4, seed=len(where))
-    g = global_sets(N)[where] or None
-    for window in [(1, 1), (3, 0)]:
-        out = swa_lib.sliding_window_attention(q, k, v, window, global_tokens=g, backend=backend)
-        ref = swa_lib.sliding_window_attention(q, k, v, window, global_tokens=g, backend="loop")
-        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+def test_global_tokens_equal_loop_oracle(backend, make_qkv, global_sets):
+    for where, positions in global_sets(N).items():
+        q, k, v = make_qkv(1, 2, N, 4, seed=len(where))
+        g = positions or None
+        for window in [(1, 1), (3, 0)]:
+            out = swa_lib.sliding_window_attention(q, k, v, window, global_tokens=g, backend=backend)
+            ref = swa_lib.sliding_window_attention(q, k, v, window, global_tokens=g, backend="loop")
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, msg=f"{where} {window}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dilation", [1, 2, 3, 4, (1, 2, 3, 4)])
-def test_dilation_equals_loop_oracle(backend, dilation):
+def test_dilation_equals_loop_oracle(backend, dilation, make_qkv):
     q, k, v = make_qkv(1, 4, N, 4, h_kv=2, seed=5)
     for window in [(4, 4), (6, 0), (0, 5)]:
         out = swa_lib.sliding_window_attention(q, k, v, window, dilation=dilation, backend=backend)
@@ -41,7 +40,8 @@ def test_dilation_equals_loop_oracle(backend, dilation):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["start", "middle", "end", "mixed", "all"])
 @pytest.mark.parametrize("dilation", [2, (1, 2, 3, 4)])
-def test_global_and_dilation_gradients_equal_dense(backend, where, dilation):
+def test_global_and_dilation_gradients_equal_dense(backend, where, dilation, make_qkv, global_sets,
+                                                   assert_same_gradients):
     q, k, v = make_qkv(2, 4, 41, 5, h_kv=2, d_v=3, seed=2, requires_grad=True)
     g = torch.zeros(2, 41, dtype=torch.bool)
     g[0, global_sets(41)[where]] = True
@@ -50,15 +50,11 @@ def test_global_and_dilation_gradients_equal_dense(backend, where, dilation):
     out = swa_lib.sliding_window_attention(q, k, v, (6, 3), backend=backend, **kwargs)
     ref = swa_lib.sliding_window_attention(q, k, v, (6, 3), backend="dense", **kwargs)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad((out * grad).sum(), (q, k, v))
-    want = torch.autograd.grad((ref * grad).sum(), (q, k, v))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_same_gradients((out,), (ref,), (q, k, v))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_global_dilation_sinks(backend):
+def test_gradcheck_global_dilation_sinks(backend, make_qkv):
     q, k, v = make_qkv(1, 2, 11, 3, h_kv=1, requires_grad=True, seed=4)
     fn = lambda q, k, v: swa_lib.sliding_window_attention(  # noqa: E731
         q, k, v, (2, 1), global_tokens=[5], dilation=(1, 2), sinks=1, backend=backend
@@ -67,7 +63,7 @@ def test_gradcheck_global_dilation_sinks(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fewer_queries_than_keys_with_everything(backend):
+def test_fewer_queries_than_keys_with_everything(backend, make_qkv):
     q, k, v = make_qkv(2, 4, 40, 4, h_kv=2, n_q=9, seed=6)
     for kwargs in [dict(sinks=2), dict(global_tokens=[0, 35]), dict(dilation=(1, 2, 3, 2), global_tokens=[3], sinks=1)]:
         out = swa_lib.sliding_window_attention(q, k, v, (5, 0), backend=backend, **kwargs)
@@ -84,7 +80,7 @@ def test_fewer_queries_than_keys_with_everything(backend):
     sinks=st.integers(0, 3),
     globals_=st.lists(st.integers(0, 39), max_size=4),
 )
-def test_property_blocked_equals_dense(n, left, right, dilation, sinks, globals_):
+def test_property_blocked_equals_dense(n, left, right, dilation, sinks, globals_, make_qkv):
     q, k, v = make_qkv(1, 2, n, 3, seed=n)
     g = sorted({x for x in globals_ if x < n}) or None
     kwargs = dict(dilation=dilation, sinks=sinks, global_tokens=g)

@@ -120,6 +120,12 @@ def test_rolling_errors():
         cache.update(k[:, :, :0], v[:, :, :0])
     with pytest.raises(TypeError, match="list"):
         cache.update([1], v)
+    with pytest.raises(ValueError, match=r"k must have 4 dims \(B, H, N, D\), got 3"):  # the entry point's words
+        cache.update(k[0], v[0])
+    with pytest.raises(TypeError, match="batch must be an int, got float 2.0"):
+        RollingKVCache(2.0, 1, 4, 8)
+    with pytest.raises(ValueError, match="max_chunk must be >= 1, got 0"):
+        RollingKVCache(1, 1, 4, 8, max_chunk=0)
     with pytest.raises(ValueError, match="0"):
         RollingKVCache(1, 1, 0, 8)
     with pytest.raises(TypeError, match="int64"):

@@ -18,7 +18,8 @@ from swa_lib.lab.long_range import (
     train_on_task,
 )
 from swa_lib.masks import AttentionPattern
-from swa_lib.lab.model import BOS, TrainConfig
+from swa_lib.lab.model import BOS
+from swa_lib.lab.training import TrainConfig
 
 
 @pytest.mark.parametrize("context,stride", [(64, 16), (29, 5), (10, 3)])
@@ -117,6 +118,7 @@ def test_global_model_matches_the_band_model_when_no_global_slot_is_visible():
         torch.testing.assert_close(globl(tokens), sliding(tokens), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_short_training_run_lowers_the_loss_and_evaluate_reports_every_distance():
     task = NeedleTask(16, 8)
     variant = standard_variants(window=4, layers=2, stride=8)[-1]  # full attention

@@ -20,7 +20,6 @@ from swa_lib.longformer import (
     hf_layer_attention_mask,
     split_hf_attention_mask,
 )
-from conftest import global_sets, make_qkv
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.longformer.modeling_longformer import (  # noqa: E402
@@ -43,7 +42,7 @@ def capable_backends(dilation=False):
 
 @pytest.mark.parametrize("n", [1, 7, 13])
 @pytest.mark.parametrize("window", [(0, 0), (2, 1), (1, 0), (3, 3)])
-def test_global_tokens_loop_dense_auto_forward_and_grad(n, window):
+def test_global_tokens_loop_dense_auto_forward_and_grad(n, window, make_qkv, global_sets):
     for name, positions in global_sets(n).items():
         results = {}
         for backend in ("loop", *capable_backends(), "auto"):
@@ -58,7 +57,7 @@ def test_global_tokens_loop_dense_auto_forward_and_grad(n, window):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{backend} {name} {window}")
 
 
-def test_global_tokens_per_batch_and_with_dilation():
+def test_global_tokens_per_batch_and_with_dilation(make_qkv):
     """Different global sets per batch element (a (B, N) mask), with per-head dilation."""
     n = 11
     q, k, v = make_qkv(2, 3, n, 4, seed=5)
@@ -72,7 +71,7 @@ def test_global_tokens_per_batch_and_with_dilation():
             torch.testing.assert_close(out, loop, rtol=1e-10, atol=1e-10)
 
 
-def test_global_token_is_counted_once():
+def test_global_token_is_counted_once(make_qkv):
     """A global key inside the band appears once in the softmax: with all tokens global and a
     window wider than the sequence, the result is plain full attention (not double-weighted)."""
     n = 9
@@ -208,6 +207,19 @@ def test_dilation_one_per_head_equals_separate_layers():
         torch.testing.assert_close(out[..., head * 4:(head + 1) * 4], single(x)[..., head * 4:(head + 1) * 4])
 
 
+def test_global_tokens_as_positions_equal_the_mask():
+    """The layer takes global tokens in every form the entry point takes."""
+    torch.manual_seed(2)
+    layer = LongformerSelfAttention(LongformerAttentionConfig(8, 2, 4))
+    x = torch.randn(2, 9, 8)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, [0, 6]] = True
+    with torch.no_grad():
+        want = layer(x, mask)
+        for form in ([0, 6], torch.tensor([6, 0]), mask[0]):
+            torch.testing.assert_close(layer(x, form), want, rtol=0, atol=0)
+
+
 def test_hf_layer_attention_mask_values():
     real = torch.tensor([[1, 1, 1, 0]])
     glob = torch.tensor([[1, 0, 0, 1]])  # the padding token's global flag is dropped
@@ -222,13 +234,21 @@ def test_errors_quote_bad_values():
         LongformerAttentionConfig(8, 2, 5)
     with pytest.raises(ValueError, match=r"multiple of num_heads \(3\)"):
         LongformerAttentionConfig(8, 3, 4)
-    with pytest.raises(ValueError, match="2 entries, got 3"):
+    with pytest.raises(ValueError, match="dilation per head needs 2 entries"):  # the entry point's words
         LongformerAttentionConfig(8, 2, 4, dilation=(1, 2, 3))
+    with pytest.raises(ValueError, match="dilation must be >= 1, got 0"):
+        LongformerAttentionConfig(8, 2, 4, dilation=(1, 0))
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        LongformerAttentionConfig(8, 2.0, 4)
     layer = LongformerSelfAttention(LongformerAttentionConfig(8, 2, 4))
     with pytest.raises(ValueError, match="width 6"):
         layer(torch.randn(1, 5, 6))
-    with pytest.raises(ValueError, match="global_tokens must be a bool tensor"):
+    with pytest.raises(ValueError, match="holding only 0 and 1"):  # global tokens follow the entry point's rule
         layer(torch.randn(1, 5, 8), global_tokens=torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\), got min 1, max 7"):
+        layer(torch.randn(1, 5, 8), global_tokens=[1, 7])
+    with pytest.raises(ValueError, match=r"padding must be a bool tensor of shape \(1, 5\)"):
+        layer(torch.randn(1, 5, 8), padding=torch.zeros(5, dtype=torch.bool))
     with pytest.raises(TypeError, match="expected a LongformerSelfAttention"):
         LongformerSelfAttention.from_hf(torch.nn.Linear(2, 2))
 

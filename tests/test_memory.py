@@ -1,48 +1,23 @@
 """No (N, N) tensor on the chunked and blocked paths: peak memory stays O(N * window).
 
 At N = 16384 a single (N, N) float32 score matrix is 1 GiB (and a bool mask 256 MiB). We reset
-the process's peak resident set size (Linux: write "5" to /proc/self/clear_refs, then read VmHWM
-from /proc/self/status) and check that a forward and backward pass raise the peak by far less.
+the process's peak resident set size with the lab's probe (:func:`swa_lib.lab.cost.peak_memory`)
+and check that a forward and backward pass raise the peak by far less.
 PyTorch's CPU allocator returns large blocks to the operating system, so the RSS peak tracks
 what the call allocates.
 """
-
-import re
-from pathlib import Path
 
 import pytest
 import torch
 
 import swa_lib
+from swa_lib.lab.cost import can_measure_cpu_memory, peak_memory
 
 N = 16384
 BUDGET = 128 * 2**20  # bytes: 1/8 of one (N, N) float32 matrix
 
 
-def _peak_rss() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _can_measure() -> bool:
-    try:
-        _reset_peak()
-        return _peak_rss() > 0
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _can_measure(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
-
-
-def _peak_increase(fn) -> int:
-    _reset_peak()
-    base = _peak_rss()
-    fn()
-    return _peak_rss() - base
+pytestmark = pytest.mark.skipif(not can_measure_cpu_memory(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 
 
 @pytest.mark.parametrize("backend", ["blocked", "chunked"])
@@ -55,11 +30,11 @@ def test_forward_and_backward_stay_far_below_one_n_by_n_matrix(backend):
         out.sum().backward()
 
     step()  # warm up (first-call allocations of the library and autograd)
-    used = _peak_increase(step)
+    used = peak_memory(step)
     assert used < BUDGET, f"{backend}: peak RSS grew by {used / 2**20:.0f} MiB (one (N, N) fp32 matrix is {N * N * 4 / 2**20:.0f} MiB)"
 
 
 def test_the_measurement_sees_a_dense_matrix():
     """The same probe does notice an (N, N) allocation, so the test above can fail."""
-    used = _peak_increase(lambda: torch.ones(N, N // 4).sum())  # 256 MiB
+    used = peak_memory(lambda: torch.ones(N, N // 4).sum())  # 256 MiB
     assert used > BUDGET

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from swa_lib.kv_cache import FullKVCache, RollingKVCache
-from swa_lib.lab.model import BOS, ModelConfig, TinyLM, TrainConfig, decode, encode, make_batches, train
+from swa_lib.lab.model import BOS, ModelConfig, TinyLM, decode, encode
+from swa_lib.lab.training import TrainConfig, make_batches, train
 
 
 def tiny(windows=(3, 5, None), heads=4, heads_kv=2, dim=32, seed=0):
@@ -120,6 +121,7 @@ def test_misuse_errors():
         model(torch.tensor([[1]]), caches=bad)
 
 
+@pytest.mark.slow
 def test_training_reduces_loss():
     model = tiny((None, None), dim=32)
     text = "def add(a, b):\n    return a + b\n" * 50
@@ -139,7 +141,7 @@ def test_training_corpus_is_shipped_and_the_same_on_every_python():
     (whose files change between versions), so stored results do not depend on the Python."""
     import hashlib
 
-    from swa_lib.lab.model import HELDOUT_FILES, TRAIN_FILES, corpus_text
+    from swa_lib.lab.training import HELDOUT_FILES, TRAIN_FILES, corpus_text
 
     digests = {files: hashlib.sha256(corpus_text(files).encode()).hexdigest()[:16]
                for files in (TRAIN_FILES, HELDOUT_FILES)}

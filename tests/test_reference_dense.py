@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 import swa_lib
 from swa_lib.backends.dense import masked_softmax
-from conftest import make_qkv
 
 SIZES = [1, 7, 97, 113]
 
@@ -24,7 +23,7 @@ def sdpa_peer(q, k, v, window):
 
 
 @pytest.mark.parametrize("n", SIZES)
-def test_dense_equals_sdpa_peer(n):
+def test_dense_equals_sdpa_peer(n, make_qkv):
     q, k, v = make_qkv(2, 3, n, 16, seed=n)
     for window in windows_for(n):
         out = swa_lib.sliding_window_attention(q, k, v, window, backend="dense")
@@ -32,7 +31,7 @@ def test_dense_equals_sdpa_peer(n):
 
 
 @pytest.mark.parametrize("n", [1, 7, 23])
-def test_loop_equals_dense_and_sdpa(n):
+def test_loop_equals_dense_and_sdpa(n, make_qkv):
     q, k, v = make_qkv(2, 2, n, 4, seed=n)
     for window in windows_for(n):
         loop = swa_lib.sliding_window_attention(q, k, v, window, backend="loop")
@@ -42,7 +41,7 @@ def test_loop_equals_dense_and_sdpa(n):
 
 
 @pytest.mark.parametrize("n", [97, 113])
-def test_loop_equals_dense_long(n):
+def test_loop_equals_dense_long(n, make_qkv):
     # the loop is slow: one batch, one head, two windows
     q, k, v = make_qkv(1, 1, n, 4, seed=n)
     for window in [(3, 2), (n, 0)]:
@@ -53,14 +52,14 @@ def test_loop_equals_dense_long(n):
 
 @pytest.mark.parametrize("backend", ["loop", "dense", "sdpa"])
 @pytest.mark.parametrize("window", [(0, 0), (1, 0), (3, 2), (7, 7)])
-def test_gradcheck(backend, window):
+def test_gradcheck(backend, window, make_qkv):
     q, k, v = make_qkv(1, 2, 6, 3, h_kv=1, requires_grad=True, seed=1)
     fn = lambda q, k, v: swa_lib.sliding_window_attention(q, k, v, window, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
 @pytest.mark.parametrize("n", [7, 97])
-def test_gradients_dense_vs_sdpa_peer(n):
+def test_gradients_dense_vs_sdpa_peer(n, make_qkv):
     q, k, v = make_qkv(1, 2, n, 8, requires_grad=True, seed=3)
     w = torch.randn(1, 2, n, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     for window in [(3, 2), (n, 0)]:
@@ -70,7 +69,7 @@ def test_gradients_dense_vs_sdpa_peer(n):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_loop_gradients_match_dense():
+def test_loop_gradients_match_dense(make_qkv):
     q, k, v = make_qkv(1, 2, 9, 4, h_kv=1, requires_grad=True, seed=5)
     kwargs = dict(dilation=[1, 2], sinks=1, global_tokens=torch.tensor([4]))
     g1 = torch.autograd.grad(swa_lib.sliding_window_attention(q, k, v, (2, 1), backend="loop", **kwargs).sum(), (q, k, v))
@@ -80,7 +79,7 @@ def test_loop_gradients_match_dense():
 
 
 @pytest.mark.parametrize("n_q", [1, 3, 7])
-def test_fewer_queries_than_keys_are_bottom_aligned(n_q):
+def test_fewer_queries_than_keys_are_bottom_aligned(n_q, make_qkv):
     q, k, v = make_qkv(1, 2, 7, 4, n_q=n_q, seed=6)
     qf, _, _ = make_qkv(1, 2, 7, 4, seed=7)
     qf[:, :, 7 - n_q:] = q  # the same queries, at the end of a full-length query tensor
@@ -91,7 +90,7 @@ def test_fewer_queries_than_keys_are_bottom_aligned(n_q):
 
 
 @pytest.mark.parametrize("n_q, n_k", [(9, 9), (1, 9), (4, 9), (1, 1)])
-def test_sdpa_mask_free_shortcuts_match_dense(n_q, n_k):
+def test_sdpa_mask_free_shortcuts_match_dense(n_q, n_k, make_qkv):
     """sdpa skips the mask when the window covers every key (plain call) or is exactly causal
     over equal lengths (is_causal); windows one short of each threshold must still be masked."""
     q, k, v = make_qkv(2, 4, n_k, 8, h_kv=2, n_q=n_q, requires_grad=True, seed=n_q + n_k)
@@ -107,7 +106,7 @@ def test_sdpa_mask_free_shortcuts_match_dense(n_q, n_k):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"gradient, window {window}")
 
 
-def test_gqa_equals_repeated_heads():
+def test_gqa_equals_repeated_heads(make_qkv):
     q, k, v = make_qkv(2, 4, 11, 4, h_kv=2, seed=8)
     out = swa_lib.sliding_window_attention(q, k, v, (3, 1), backend="dense")
     rep = swa_lib.sliding_window_attention(
@@ -116,7 +115,7 @@ def test_gqa_equals_repeated_heads():
     torch.testing.assert_close(out, rep, rtol=1e-12, atol=1e-12)
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(make_qkv):
     q, k, v = make_qkv(2, 3, 13, 4, seed=9)
     qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     assert not qt.is_contiguous()
@@ -128,7 +127,7 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_error_is_within_pytorch_own(dtype):
+def test_low_precision_error_is_within_pytorch_own(dtype, make_qkv):
     """The book's tolerance rule (AUTHORING.md): at most 2x the error PyTorch's SDPA makes in the same dtype."""
     q, k, v = make_qkv(1, 2, 64, 32, seed=10)
     window = (8, 8)
@@ -146,7 +145,7 @@ def test_low_precision_error_is_within_pytorch_own(dtype):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), extra=st.integers(0, 10), d=st.integers(1, 8), seed=st.integers(0, 10_000))
-def test_window_covering_everything_is_full_attention(n, extra, d, seed):
+def test_window_covering_everything_is_full_attention(n, extra, d, seed, make_qkv):
     q, k, v = make_qkv(1, 2, n, d, seed=seed)
     full = F.scaled_dot_product_attention(q, k, v)
     out = swa_lib.sliding_window_attention(q, k, v, (n + extra, n + extra), backend="dense")
@@ -155,7 +154,7 @@ def test_window_covering_everything_is_full_attention(n, extra, d, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), d=st.integers(1, 8), seed=st.integers(0, 10_000))
-def test_zero_window_returns_v(n, d, seed):
+def test_zero_window_returns_v(n, d, seed, make_qkv):
     q, k, v = make_qkv(2, 2, n, d, seed=seed)
     for backend in ("dense", "sdpa"):
         torch.testing.assert_close(swa_lib.sliding_window_attention(q, k, v, (0, 0), backend=backend), v)
@@ -163,7 +162,7 @@ def test_zero_window_returns_v(n, d, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), d=st.integers(1, 8), seed=st.integers(0, 10_000))
-def test_full_left_window_is_causal_sdpa(n, d, seed):
+def test_full_left_window_is_causal_sdpa(n, d, seed, make_qkv):
     q, k, v = make_qkv(1, 2, n, d, seed=seed)
     causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(swa_lib.sliding_window_attention(q, k, v, (n, 0), backend="dense"), causal)
@@ -171,7 +170,7 @@ def test_full_left_window_is_causal_sdpa(n, d, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 30), left=st.integers(0, 30), right=st.integers(0, 30), seed=st.integers(0, 10_000))
-def test_attention_weights_rows_sum_to_one(n, left, right, seed):
+def test_attention_weights_rows_sum_to_one(n, left, right, seed, make_qkv):
     # attention applied to v = identity gives back the weight matrix itself
     q, k, _ = make_qkv(1, 1, n, 4, seed=seed)
     eye = torch.eye(n, dtype=q.dtype)[None, None]

@@ -18,7 +18,6 @@ from swa_lib.schedule import (
     receptive_field_support,
     schedule_reach,
 )
-from conftest import make_qkv
 
 
 # -- dilation through the public API ---------------------------------------------------------
@@ -36,7 +35,7 @@ def dilation_backends():
 @pytest.mark.parametrize("n", [1, 7, 16])
 @pytest.mark.parametrize("dilation", [1, 2, 3, 4, (1, 2, 3, 4), (4, 1, 1, 2)])
 @pytest.mark.parametrize("window", [(0, 0), (5, 0), (3, 4), (8, 8)])
-def test_dilation_loop_dense_auto_forward_and_grad(n, dilation, window):
+def test_dilation_loop_dense_auto_forward_and_grad(n, dilation, window, make_qkv):
     results = {}
     for backend in ("loop", *dilation_backends(), "auto"):
         q, k, v = make_qkv(1, 4, n, 3, seed=n, requires_grad=True)

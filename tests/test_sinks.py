@@ -80,7 +80,7 @@ def test_bad_arguments():
 # -- the shipped demonstration ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo():
-    """The stored model (trained by ``python -m swa_lib.lab.sinks --save``) evaluated afresh."""
+    """The stored model (trained by ``python -m swa_lib.lab.sinks_run --save``) evaluated afresh."""
     from swa_lib.lab.results import load
     from swa_lib.lab.sinks import load_demo_model, run_demo
 
@@ -149,13 +149,14 @@ def test_demo_findings(demo):
     check_findings(demo[0], STORED_BOUNDS)
 
 
+@pytest.mark.slow
 def test_demo_trained_from_scratch_shows_the_findings():
     """The demonstration itself: train DemoConfig's model from its seed (about 2.5 minutes with one
     thread on the 2-core machine the book is built on), then check what every retraining shows."""
     from swa_lib.lab.sinks import run_demo
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as `python -m swa_lib.lab.sinks` runs (1-thread and 2-thread sums round differently)
+    torch.set_num_threads(1)  # as `python -m swa_lib.lab.sinks_run` runs (1-thread and 2-thread sums round differently)
     try:
         result = run_demo(DemoConfig(), progress=False)
     finally:
@@ -164,6 +165,7 @@ def test_demo_trained_from_scratch_shows_the_findings():
     check_findings(result, RETRAINED_BOUNDS)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic():
     from swa_lib.lab.sinks import train_demo_model
 
@@ -176,7 +178,7 @@ def test_training_is_deterministic():
 
 def test_variants_table_lists_every_stored_run():
     from swa_lib.lab.results import load
-    from swa_lib.lab.sinks import format_variants
+    from swa_lib.lab.sinks_run import format_variants
 
     variants, demo = load("sinks_variants"), load("sinks_demo")
     table = format_variants(variants).splitlines()

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import runpy
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,7 @@ from hypothesis import strategies as st
 
 from swa_lib import UNBOUNDED, AttentionPattern, dense_attention, loop_attention, sdpa_attention, sliding_window_attention
 from swa_lib.backends import choose_backend
+from swa_lib.masks import visible_keys
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (optional dependency swa_lib[triton])", allow_module_level=True)
@@ -195,7 +199,7 @@ def test_registry_named_only_in_interpreter():
     assert float((out - ref).abs().max()) < 2e-5
     with pytest.raises(ValueError, match="needs as many queries as keys"):
         sliding_window_attention(q[:, :, :5], k, v, (5, 0), backend="triton")
-    with pytest.raises(ValueError, match="supports float16 and float32"):
+    with pytest.raises(ValueError, match="does not support dtype torch.bfloat16 on 'cpu'"):
         sliding_window_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), (5, 0), backend="triton")
 
 
@@ -228,17 +232,40 @@ def test_block_skipping_never_reads_outside_the_band():
 @interpreter
 @pytest.mark.interpreter
 def test_bad_inputs_raise_clearly():
+    """The kernel's limits are its row of the capability table: the direct function refuses what
+    backend="triton" refuses, with the same ValueError and message."""
     q, k, v = _inputs(1, 2, 2, 17, 16, torch.float32)
-    with pytest.raises(ValueError, match="head dims"):
-        tk.triton_sliding_window_attention(q[..., :12], k[..., :12], v[..., :12], (2, 0))
-    with pytest.raises(TypeError, match="bfloat16"):
-        tk.triton_sliding_window_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), (2, 0))
+    bad = [  # q, k, v, window, the reason given
+        (q[..., :12], k[..., :12], v[..., :12], (2, 0), "backend 'triton' supports head dims"),
+        (q.bfloat16(), k.bfloat16(), v.bfloat16(), (2, 0), "does not support dtype torch.bfloat16 on 'cpu'"),
+        (q[:, :, :4], k, v, (2, 0), "needs as many queries as keys"),
+        (q, k, v.repeat(1, 1, 1, 2), (2, 0), "needs v's head dim"),
+        (q, k, v, (-1, 0), "window left must be >= 0, got -1"),
+    ]
+    for *args, reason in bad:
+        with pytest.raises(ValueError, match=reason):
+            tk.triton_sliding_window_attention(*args)
+        with pytest.raises(ValueError, match=reason):
+            sliding_window_attention(*args, backend="triton")
     with pytest.raises(ValueError, match="power of two"):
         tk.triton_sliding_window_attention(q, k, v, (2, 0), blocks=(24, 16))
-    with pytest.raises(ValueError, match="as many keys as queries"):
-        tk.triton_sliding_window_attention(q[:, :, :4], k, v, (2, 0))
-    with pytest.raises(ValueError, match="window left must be >= 0, got -1"):
-        tk.triton_sliding_window_attention(q, k, v, (-1, 0))
+    with pytest.raises(ValueError, match="does not run on device 'meta'.*Triton's CPU interpreter"):
+        tk.triton_attention(*(x.detach().to("meta") for x in (q, k, v)), AttentionPattern(2, 0), 0.25)
+    with pytest.raises(ValueError, match="empty input"):
+        tk.triton_attention(q[:0], k[:0], v[:0], AttentionPattern(2, 0), 0.25)
+
+
+@interpreter
+def test_the_launcher_reads_the_capability_table(monkeypatch):
+    """No second copy of the limits: narrow the table's row and the launcher follows it."""
+    import dataclasses
+
+    from swa_lib.backends import BACKENDS
+
+    q, k, v = (x.detach() for x in _inputs(1, 1, 1, 17, 32, torch.float32))
+    monkeypatch.setitem(BACKENDS, "triton", dataclasses.replace(BACKENDS["triton"], head_dims=frozenset({16})))
+    with pytest.raises(ValueError, match=r"supports head dims \[16\], got 32"):
+        tk.triton_attention(q, k, v, AttentionPattern(2, 0), 0.25)
 
 
 # ---- pure-Python checks of the loop bounds (fast, no kernel launch) ------------------------
@@ -310,11 +337,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import swa_lib.backends.triton as tk
+from swa_lib.backends.triton import kernels
 assert not tk.INTERPRETER
 ptr = dict(LSE="*fp32", DELTA="*fp32", DIL="*i32", GQ="*i8", GK="*i8", GIDX="*i32", GCNT="*i32")
-for kern, extra in [(tk._fwd_kernel, dict(FULL_ROWS=False)), (tk._fwd_kernel, dict(FULL_ROWS=True)),
-                    (tk._bwd_delta_kernel, dict(BLOCK=64)),
-                    (tk._bwd_dq_kernel, dict(FULL_ROWS=False)), (tk._bwd_dkdv_kernel, {})]:
+for kern, extra in [(kernels.fwd_kernel, dict(FULL_ROWS=False)), (kernels.fwd_kernel, dict(FULL_ROWS=True)),
+                    (kernels.bwd_delta_kernel, dict(BLOCK=64)), (kernels.bwd_dq_kernel, dict(FULL_ROWS=False)),
+                    (kernels.bwd_dq_kernel, dict(FULL_ROWS=True)), (kernels.bwd_dkdv_kernel, {})]:
     consts = dict(GROUP=2, HEAD_DIM=32, BLOCK_M=32, BLOCK_N=32, PRECISION="tf32", HAS_DILATION=True,
                   HAS_SINKS=True, HAS_GLOBAL=True, **extra)
     consts = {a: v for a, v in consts.items() if a in kern.arg_names}
@@ -405,20 +433,17 @@ def test_gpu_auto_picks_triton_for_long_sequences():
 
 # ---- benchmarks/gpu.py: the helpers run on CPU; the measurement needs CUDA ----------------
 def _bench_module():
-    from pathlib import Path
-
+    """benchmarks/gpu.py's names (it is a script, not a module of a package)."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return types.SimpleNamespace(**runpy.run_path(str(path)))
 
 
 @pytest.mark.parametrize("n,left,right", [(1, 0, 0), (37, 5, 0), (100, 7, 3), (50, 64, 64), (4096, 256, 256)])
 def test_bench_keys_per_query_matches_the_mask(n, left, right):
+    """The benchmark's FLOP count uses masks.visible_keys: the mask's own keys per query."""
     bench = _bench_module()
     exact = AttentionPattern(left, right).keys_per_query(n)
-    assert bench.keys_per_query(n, left, right) == pytest.approx(exact, rel=1e-6)  # mask mean is fp32
+    assert visible_keys(n, left, right) / n == pytest.approx(exact, rel=1e-6)  # mask mean is fp32
     assert bench.useful_flops(n, 16, left, right, "fwd+bwd") == pytest.approx(
         2.5 * 4 * 16 * n * exact * bench.D, rel=1e-6)
 

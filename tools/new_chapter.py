@@ -37,7 +37,7 @@ def setup_cell(triton_interpreter: bool = False) -> str:
     lines += [
         "import importlib.util, subprocess, sys",
         'if importlib.util.find_spec("swa_lib") is None:',
-        f'    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "git+{url}.git"])',
+        f'    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "swa_lib[lab] @ git+{url}.git"])',
     ]
     return "\n".join(lines)
 

@@ -44,14 +44,19 @@ def _dtype_names(dtypes) -> str:
 #: (row label, function of a Backend giving the cell) -- one row per capability.
 FEATURES = [
     ("devices", lambda b: ", ".join(sorted(b.devices))),
-    ("dtypes", lambda b: _dtype_names(b.dtypes)),
+    ("dtypes", lambda b: "; ".join(f"{d}: {_dtype_names(b.dtypes_on(d))}" for d in sorted(b.devices))
+     if b.device_dtypes else _dtype_names(b.dtypes)),
+    ("head dims", lambda b: "any" if b.head_dims is None else ", ".join(map(str, sorted(b.head_dims)))),
+    ("value head dim", lambda b: "same as q, k" if b.same_value_dim else "any"),
     ("dilation", lambda b: _yes(b.dilation)),
     ("global tokens", lambda b: _yes(b.global_tokens)),
     ("sinks", lambda b: _yes(b.sinks)),
     ("grouped-query heads", lambda b: _yes(b.gqa)),
     ("fewer queries than keys", lambda b: _yes(b.cross_length)),
     ("autograd", lambda b: _yes(b.autograd)),
-    ("chosen by ``auto``", lambda b: "no" if not b.auto else ("yes" if b.max_auto_len is None else f"up to {b.max_auto_len:,} keys")),
+    ("chosen by ``auto``", lambda b: "no" if not b.auto else (
+        ("on " + ", ".join(sorted(b.auto_devices)) + ", " if b.auto_devices != b.devices else "")
+        + ("any length" if b.max_auto_len is None else f"up to {b.max_auto_len:,} keys"))),
     ("``auto`` priority", lambda b: str(b.priority)),
     ("available where this page was built", lambda b: _yes(b.is_available())),
 ]
@@ -142,11 +147,21 @@ class TopLevelApi(_RstDirective):
         return lines
 
 
+#: Packages whose modules are data, not API.
+_NOT_API = {"lab.results", "lab.data"}
+
+
 def public_submodules() -> list[str]:
-    """Names of swa_lib's public submodules (no leading underscore), sorted."""
+    """Dotted names (below ``swa_lib``) of its public modules: the library's, then the backends',
+    then the lab's, each group sorted. No leading underscores, no data packages."""
     import swa_lib
 
-    return sorted(m.name for m in pkgutil.iter_modules(swa_lib.__path__) if not m.name.startswith("_") and m.name != "results")
+    names = [m.name.removeprefix("swa_lib.") for m in pkgutil.walk_packages(swa_lib.__path__, "swa_lib.",
+                                                                                   onerror=lambda _: None)]
+    names = [n for n in names if not any(part.startswith("_") for part in n.split("."))
+             and not any(n == p or n.startswith(p + ".") for p in _NOT_API)]
+    group = {"backends": 1, "lab": 2}
+    return sorted(names, key=lambda n: (group.get(n.split(".")[0], 0), n))
 
 
 class SubmoduleApi(_RstDirective):

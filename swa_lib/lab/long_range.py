@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from ..backends.dense import expand_kv
 from ..masks import AttentionPattern
-from .model import BOS, Attention, ModelConfig, TinyLM, TrainConfig, fit
+from .model import BOS, Attention, ModelConfig, TinyLM
+from .training import TrainConfig, fit
 
 __all__ = [
     "DIGITS",
@@ -124,20 +125,18 @@ class CausalGlobalAttention(Attention):
         super().__init__(cfg, window)
         self.stride = stride
 
-    def forward(self, x, positions, *, backend="sdpa", cache=None, capture=None, rope=None):
+    def forward(self, x, positions, *, cache=None, **kw):
         if cache is not None:
             raise ValueError("CausalGlobalAttention has no cached decoding; call the model without caches")
         if int(positions[0]) != 0:
             raise ValueError(f"CausalGlobalAttention needs sequences that start at position 0, got {int(positions[0])}")
-        q, k, v = self.project(x)  # (B, H, N, D), (B, H_kv, N, D) x 2
-        q, k = self.rotate_qk(q, k, positions, rope)
-        if capture is not None:
-            capture.append((q.detach(), k.detach()))
-        left = self.pattern_window[0]
-        mask = causal_global_mask(x.shape[1], min(left, x.shape[1]), self.stride).to(x.device)  # (N, N)
+        return super().forward(x, positions, **kw)
+
+    def attend(self, q, k, v, window, *, backend="sdpa"):
+        n = q.shape[2]
+        mask = causal_global_mask(n, min(window[0], n), self.stride).to(q.device)  # (N, N)
         k, v = expand_kv(k, self.cfg.heads), expand_kv(v, self.cfg.heads)  # (B, H, N, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, D)
-        return self.merge(out)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, D)
 
 
 class GlobalTokenLM(TinyLM):

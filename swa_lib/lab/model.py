@@ -2,7 +2,7 @@
 
 Byte-level (256 byte tokens plus a BOS token), pre-norm, RoPE, grouped-query attention, and a
 window per layer (``None`` = full causal attention). It is small enough to train on a laptop CPU in
-a minute on a small text corpus shipped with the package (see :func:`corpus_text`), and exists to make the KV-cache
+a minute on a small text corpus shipped with the package (:mod:`swa_lib.lab.training`), and exists to make the KV-cache
 and attention-sink chapters concrete, not to be a good language model.
 
 Three ways to run it, which must agree (tests/test_model.py):
@@ -15,16 +15,11 @@ Three ways to run it, which must agree (tests/test_model.py):
 
 from __future__ import annotations
 
-import gzip
-import json
-import math
 from dataclasses import dataclass
-from importlib import resources
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..attention import sliding_window_attention
 from ..kv_cache import FullKVCache, RollingKVCache, SinkKVCache
@@ -38,10 +33,6 @@ __all__ = [
     "decode",
     "ModelConfig",
     "TinyLM",
-    "TrainConfig",
-    "train",
-    "corpus_text",
-    "make_batches",
 ]
 
 #: Token ids 0..255 are bytes; 256 marks the beginning of a sequence.
@@ -150,11 +141,17 @@ class Attention(nn.Module):
                 raise ValueError(f"layer window {window} but the cache serves {cache.attention_window}")
         if capture is not None:
             capture.append((q.detach(), k_ctx.detach()))
-        out = sliding_window_attention(q, k_ctx, v_ctx, window, backend=backend)  # (B, H, N, D)
-        return self.merge(out)
+        return self.merge(self.attend(q, k_ctx, v_ctx, window, backend=backend))
+
+    def attend(self, q, k, v, window, *, backend="sdpa") -> torch.Tensor:
+        """The attention itself, on rotated ``q`` (B, H, N, D) and ``k``, ``v`` (B, H_kv, N_k, D):
+        the one step a variant of this layer replaces."""
+        return sliding_window_attention(q, k, v, window, backend=backend)  # (B, H, N, D)
 
 
 class Block(nn.Module):
+    """One pre-norm transformer block's parameters (attention and MLP); :meth:`TinyLM.forward_with` runs it."""
+
     def __init__(self, cfg: ModelConfig, window: Optional[int]):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
@@ -164,10 +161,6 @@ class Block(nn.Module):
             nn.GELU(),
             nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, bias=False),
         )
-
-    def forward(self, x, positions, **kw):
-        x = x + self.attn(self.norm1(x), positions, **kw)
-        return x + self.mlp(self.norm2(x))
 
 
 class TinyLM(nn.Module):
@@ -222,13 +215,25 @@ class TinyLM(nn.Module):
             if caches[0].seen != start:
                 raise ValueError(f"start={start} but the caches have seen {caches[0].seen} tokens")
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        x = self.embed(tokens)  # (B, N, dim)
         rope = None  # RoPE tables, built once for all layers (sink caches rotate at cache positions instead)
         if caches is None or not isinstance(caches[0], SinkKVCache):
-            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base, dtype=x.dtype)
+            rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base, dtype=self.embed.weight.dtype)
+
+        def attention(i: int, attn: Attention, h: torch.Tensor) -> torch.Tensor:
+            cache = None if caches is None else caches[i]
+            return attn(h, positions, backend=backend, cache=cache, capture=capture, rope=rope)
+
+        return self.forward_with(tokens, attention)
+
+    def forward_with(self, tokens: torch.Tensor, attention) -> torch.Tensor:
+        """The network around any attention: logits ``(B, N, vocab)``, where block ``i`` adds
+        ``attention(i, block.attn, h)`` (``h``: the block's normalised input, (B, N, dim)) to the
+        residual stream. :meth:`forward` passes the layers' own attention; an experiment that
+        changes only the attention (the sinks demo's streaming view) passes its own."""
+        x = self.embed(tokens)  # (B, N, dim)
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, backend=backend, cache=None if caches is None else caches[i], capture=capture,
-                      rope=rope)
+            x = x + attention(i, block.attn, block.norm1(x))
+            x = x + block.mlp(block.norm2(x))
         return self.head(self.norm(x))  # (B, N, vocab)
 
     # -- decoding -------------------------------------------------------------------------
@@ -307,124 +312,3 @@ class TinyLM(nn.Module):
             step = torch.tensor([[nxt]], device=tokens.device)
             logits = self(step, start=caches[0].seen, caches=caches, backend=backend)[:, -1]
         return decode(out)
-
-
-# -- data and training -------------------------------------------------------------------
-
-#: Training text: these modules of the shipped corpus (see :func:`corpus_text`).
-TRAIN_FILES = ("argparse.py", "textwrap.py", "string.py", "shlex.py", "fractions.py", "calendar.py",
-               "csv.py", "difflib.py", "heapq.py", "bisect.py", "queue.py", "sched.py")
-#: Held-out text for evaluation.
-HELDOUT_FILES = ("pprint.py", "base64.py")
-
-_CORPUS = "corpus.json.gz"
-
-
-def corpus_text(files: Sequence[str] = TRAIN_FILES) -> str:
-    """Concatenate modules of the corpus shipped in ``swa_lib/lab/data`` (nothing is downloaded).
-
-    The corpus is a fixed copy of fourteen CPython 3.11.7 standard-library sources (PSF License
-    Version 2; ``swa_lib/lab/data/README.md`` says where it comes from), so training and evaluation see
-    the same bytes on every Python version and machine.
-    """
-    with resources.files("swa_lib.lab.data").joinpath(_CORPUS).open("rb") as f:
-        texts = json.loads(gzip.decompress(f.read()))["files"]
-    missing = [name for name in files if name not in texts]
-    if missing:
-        raise ValueError(f"not in the shipped corpus: {missing}; it holds {sorted(texts)}")
-    return "\n".join(texts[name] for name in files)
-
-
-def make_batches(data: torch.Tensor, batch: int, context: int, generator: torch.Generator) -> torch.Tensor:
-    """Random training windows ``(batch, context + 1)``: BOS, then ``context`` bytes of ``data``.
-
-    Every sequence starts with BOS (the token the model can learn to use as an attention sink).
-    The model sees ``tokens[:, :-1]`` and predicts ``tokens[:, 1:]``.
-    """
-    starts = torch.randint(0, data.numel() - context, (batch,), generator=generator)
-    idx = starts[:, None] + torch.arange(context)  # (batch, context)
-    bos = torch.full((batch, 1), BOS, dtype=torch.long)
-    return torch.cat([bos, data[idx]], dim=1)  # (batch, context + 1)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings for :func:`train` (AdamW, cosine decay, gradient clipping)."""
-
-    steps: int = 1500
-    batch: int = 32
-    context: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.5
-    betas: tuple = (0.9, 0.95)
-    clip: float = 1.0
-    warmup: int = 50
-    seed: int = 0
-    log_every: int = 50
-    progress: bool = True
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier: linear warm-up over ``cfg.warmup`` steps, then cosine decay to 10%."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-def fit(model: nn.Module, cfg: TrainConfig, batch_loss, *, progress: bool = False) -> list:
-    """The optimisation loop shared by every training helper; returns ``[(step, mean loss), ...]``.
-
-    ``batch_loss(step)`` draws a batch and returns its scalar loss. AdamW with ``cfg``'s
-    hyper-parameters, :func:`lr_factor` schedule, gradient clipping at ``cfg.clip``; the loss is
-    averaged over every ``cfg.log_every`` steps. Leaves the model in eval mode.
-    """
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, desc="training", mininterval=1.0)
-        except ImportError:  # pragma: no cover
-            bar = None
-    history, running = [], 0.0
-    model.train()
-    for step in range(cfg.steps):
-        loss = batch_loss(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if (step + 1) % cfg.log_every == 0:
-            history.append((step + 1, running / cfg.log_every))
-            running = 0.0
-            if bar is not None:
-                bar.set_postfix(loss=f"{history[-1][1]:.3f}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    model.eval()
-    return history
-
-
-def train(model: TinyLM, text: str, cfg: TrainConfig = TrainConfig(), *, backend: str = "sdpa") -> list:
-    """Train ``model`` on random BOS-prefixed windows of ``text``; returns ``[(step, loss), ...]``.
-
-    Loss is the mean cross-entropy in nats per byte, logged every ``cfg.log_every`` steps
-    (averaged over those steps). Deterministic for a given seed on a given machine.
-    """
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    data = encode(text, bos=False)
-
-    def batch_loss(step):
-        batch = make_batches(data, cfg.batch, cfg.context, gen)  # (B, context + 1)
-        logits = model(batch[:, :-1], backend=backend)  # (B, context, vocab)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-
-    return fit(model, cfg, batch_loss, progress=cfg.progress)

@@ -14,7 +14,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.colors import ListedColormap
+from matplotlib.colors import ListedColormap, PowerNorm
 from matplotlib.patches import Rectangle
 
 from ..kv_cache import RollingKVCache
@@ -30,6 +30,8 @@ __all__ = [
     "plot_rolling_buffer",
     "plot_decode_bench",
     "plot_reach_growth",
+    "plot_attention_heads",
+    "plot_history",
 ]
 
 #: Okabe-Ito colours: distinguishable with the common forms of colour blindness.
@@ -226,4 +228,43 @@ def plot_reach_growth(curves: dict, measured: Optional[dict] = None, *, ax=None,
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=True, facecolor="white")
+    return fig
+
+
+def plot_attention_heads(maps: list, layers=None, *, batch: int = 0, ncols: int = 4):
+    """Heat maps of attention probabilities, one panel per (layer, head), ``ncols`` panels a row
+    (a layer's heads take ``ceil(heads / ncols)`` rows); column 0 of each map is token 0."""
+    layers = range(len(maps)) if layers is None else list(layers)
+    heads = maps[0].shape[1]
+    ncols = min(ncols, heads)
+    rows_per_layer = -(-heads // ncols)
+    fig, axes = new_figure(ncols=ncols, nrows=len(layers) * rows_per_layer, width=2.4, height=2.5)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for r, layer in enumerate(layers):
+        for h in range(heads):
+            ax = axes[r * rows_per_layer + h // ncols, h % ncols]
+            ax.set_visible(True)
+            im = ax.imshow(maps[layer][batch, h].numpy(), cmap="cividis", norm=PowerNorm(0.5, vmin=0, vmax=1),
+                           interpolation="nearest")
+            ax.set_title(f"layer {layer}, head {h}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.set_xlabel("key j", fontsize=8)
+            if h % ncols == 0:
+                ax.set_ylabel("query i", fontsize=8)
+    fig.tight_layout()
+    fig.colorbar(im, ax=axes, shrink=0.5, label="attention weight (square-root scale)")
+    return fig
+
+
+def plot_history(history: list, ax=None):
+    """Training loss (nats per byte) against step."""
+    if ax is None:
+        fig, ax = new_figure(width=5.0, height=3.4)
+    else:
+        fig = ax.figure
+    ax.plot([h[0] for h in history], [h[1] for h in history], color=PALETTE[0])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss (nats per byte)")
+    ax.set_title("training the demo model")
     return fig

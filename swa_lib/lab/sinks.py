@@ -12,25 +12,21 @@ tried).
 
 1. :func:`train_demo_model` trains a :class:`~swa_lib.lab.model.TinyLM` (4 layers, width 64, 8 heads
    of dimension 8, about 230k parameters) with full causal attention on BOS-prefixed windows of
-   32 tokens of the shipped corpus (:func:`swa_lib.lab.model.corpus_text`): AdamW, betas (0.9, 0.95), learning rate 1e-2,
+   32 tokens of the shipped corpus (:func:`swa_lib.lab.training.corpus_text`): AdamW, betas (0.9, 0.95), learning rate 1e-2,
    weight decay 0.5, gradient clipping, 2400 steps (about 2.5 minutes with one torch thread on
    the 2-core CPU this was written on).
 2. :func:`first_token_attention` measures how much attention each layer and head puts on token 0.
 3. :func:`stream_eval` streams held-out text ``stream_len`` tokens long (many times the context)
    and reports perplexity for each way of bounding the cache.
 
-:func:`run_demo` does all three. ``python -m swa_lib.lab.sinks --save`` also stores the trained
-weights (float16, a few hundred KB) as ``swa_lib/lab/results/sinks_model.pt`` and the numbers as
-``sinks_demo.json``, so the chapter can load them instead of training; ``--heads``, ``--steps``,
-``--context``, ``--seed`` change the configuration and ``--variant NAME`` stores such a run's
-numbers in ``sinks_variants.json`` (the chapter's table of what else was tried).
+:func:`run_demo` does all three. ``python -m swa_lib.lab.sinks_run --save`` (:mod:`swa_lib.lab.sinks_run`,
+which also prints the demonstration's tables) stores the trained weights as package data, so the
+chapter can load them (:func:`load_demo_model`) instead of training.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,11 +35,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..backends.dense import masked_softmax
+from ..backends.dense import expand_kv, masked_softmax
 from ..masks import AttentionPattern
 from ..rope import apply_rope
-from .model import BOS, HELDOUT_FILES, ModelConfig, TinyLM, TrainConfig, encode, corpus_text, train
-from .results import machine, path as result_path
+from .model import BOS, ModelConfig, TinyLM, encode
+from .training import HELDOUT_FILES, TrainConfig, corpus_text, train
+from .results import path as result_path
 
 __all__ = [
     "DemoConfig",
@@ -55,13 +52,9 @@ __all__ = [
     "stream_with_caches",
     "run_demo",
     "findings",
-    "format_report",
-    "format_spread",
+    "sink_policies",
     "load_demo_model",
-    "plot_attention_heads",
     "attention_by_key_kind",
-    "plot_history",
-    "format_variants",
     "value_norms",
 ]
 
@@ -169,18 +162,19 @@ def value_norms(model: TinyLM, tokens: torch.Tensor) -> dict:
     a small write: attending to it is close to doing nothing.
     """
     cfg = model.cfg
-    group = cfg.heads // cfg.heads_kv
     positions = torch.arange(tokens.shape[1])
-    x = model.embed(tokens)  # (B, N, dim)
     bos, others = [], []
-    for block in model.blocks:
-        _, _, v = block.attn.project(block.norm1(x))  # (B, H_kv, N, D)
-        v = v.repeat_interleave(group, dim=1)  # (B, H, N, D)
-        w_o = block.attn.wo.weight.view(cfg.dim, cfg.heads, cfg.head_dim)  # (dim, H, D)
+
+    def attention(_, attn, h):  # the layer's own attention, after measuring its writes
+        _, _, v = attn.project(h)  # (B, H_kv, N, D)
+        v = expand_kv(v, cfg.heads)  # (B, H, N, D)
+        w_o = attn.wo.weight.view(cfg.dim, cfg.heads, cfg.head_dim)  # (dim, H, D)
         written = torch.einsum("ehd,bhnd->bhne", w_o, v).norm(dim=-1)  # (B, H, N)
         bos.append(written[:, :, 0].mean(0))
         others.append(written[:, :, 1:].mean(dim=(0, 2)))
-        x = block(x, positions)
+        return attn(h, positions)
+
+    model.forward_with(tokens, attention)
     return {"bos": torch.stack(bos), "others": torch.stack(others)}
 
 
@@ -231,13 +225,11 @@ def streaming_forward(model: TinyLM, tokens: torch.Tensor, w: int, *, sinks: int
     pos = torch.arange(n)
     pattern = AttentionPattern(w - sinks - 1, 0, sinks=sinks)
     mask = pattern.mask(n)  # (1, 1, N, N)
-    x = model.embed(tokens)  # (B, N, dim)
-    for block in model.blocks:
-        attn = block.attn
-        q, k, v = attn.project(block.norm1(x))  # (B, H, N, D), (B, H_kv, N, D) x 2
+
+    def attention(_, attn, h):
+        q, k, v = attn.project(h)  # (B, H, N, D), (B, H_kv, N, D) x 2
         qr, kr = apply_rope(q, pos, cfg.rope_base), apply_rope(k, pos, cfg.rope_base)
-        group = cfg.heads // cfg.heads_kv
-        kr_h, v_h = kr.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, N, D)
+        kr_h, v_h = expand_kv(kr, cfg.heads), expand_kv(v, cfg.heads)  # (B, H, N, D)
         scale = cfg.head_dim ** -0.5
         scores = qr @ kr_h.transpose(-2, -1) * scale  # (B, H, N, N)
         if positions == "cache" and sinks and n > w:
@@ -245,10 +237,9 @@ def streaming_forward(model: TinyLM, tokens: torch.Tensor, w: int, *, sinks: int
             sink_scores = q_fixed @ kr_h[:, :, :sinks].transpose(-2, -1) * scale  # (B, H, N-w, S)
             scores = scores.clone()
             scores[:, :, w:, :sinks] = sink_scores
-        out = masked_softmax(scores, mask) @ v_h  # (B, H, N, D)
-        x = x + attn.merge(out)
-        x = x + block.mlp(block.norm2(x))
-    return model.head(model.norm(x))
+        return attn.merge(masked_softmax(scores, mask) @ v_h)  # (B, N, dim)
+
+    return model.forward_with(tokens, attention)
 
 
 @torch.no_grad()
@@ -310,7 +301,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, model: Optional[TinyLM] = None, 
     }
 
 
-def _sink_policies(ppl: dict) -> list:
+def sink_policies(ppl: dict) -> list:
     """Perplexities of the sink policies with cache positions: ``sinks=1`` .. ``sinks=S``."""
     return [v for k, v in ppl.items() if k.startswith("sinks=") and k[len("sinks="):].isdigit()]
 
@@ -326,7 +317,7 @@ def findings(result: dict) -> dict:
     """
     mass, uniform, ppl = torch.tensor(result["first_token"]), result["uniform"], result["ppl"]
     ref = ppl["recompute+BOS"]
-    sinks = _sink_policies(ppl)
+    sinks = sink_policies(ppl)
     return {
         "layer0_min_vs_uniform": round(float(mass[0].min()) / uniform, 3),
         "layer0_mean_vs_uniform": round(float(mass[0].mean()) / uniform, 3),
@@ -340,34 +331,8 @@ def findings(result: dict) -> dict:
     }
 
 
-def format_report(result: dict, digits: int = 3) -> str:
-    """The demonstration's table: first-token attention per layer/head, then perplexities."""
-    mass = result["first_token"]
-    lines = ["Attention on token 0 (BOS) per layer and head, mean over queries >= W/4",
-             f"(uniform attention would give {result['uniform']:.{digits}f})"]
-    lines.append(("layer | " + " | ".join(f"h{h:<{digits + 1}d}" for h in range(len(mass[0])))).rstrip())
-    for i, row in enumerate(mass):
-        lines.append(f"{i:5d} | " + " | ".join(f"{x:.{digits}f}" for x in row))
-    lines.append("")
-    ref = result["ppl"]["recompute+BOS"]
-    lines.append(f"{'policy (cache of W tokens)':28s} | perplexity | vs recompute+BOS")
-    for name, value in result["ppl"].items():
-        lines.append(f"{name:28s} | {value:10.{digits}f} | {100 * (value / ref - 1):+7.1f}%")
-    return "\n".join(lines)
-
-
-def save_demo(result: dict, cfg: DemoConfig) -> None:
-    """Store the model (float16 state dict) and the numbers as package data in swa_lib/lab/results/."""
-    state = {k: v.to(torch.float16) for k, v in result["model"].state_dict().items()}
-    torch.save({"config": asdict(cfg.model), "state_dict": state}, result_path("sinks_model").with_suffix(".pt"))
-    data = {k: v for k, v in result.items() if k != "model"}
-    data["config"] = cfg.as_dict()
-    data["machine"] = machine()  # float results depend on the CPU's code path: say which one made them
-    result_path("sinks_demo").write_text(json.dumps(data, indent=1))
-
-
 def load_demo_model(dtype: torch.dtype = torch.float64) -> TinyLM:
-    """The model trained by ``python -m swa_lib.lab.sinks --save`` (weights shipped in float16).
+    """The model trained by ``python -m swa_lib.lab.sinks_run --save`` (weights shipped in float16).
 
     Loaded in float64 by default: the evaluation then rounds far below the printed digits, so the
     numbers the chapter prints are the same on every CPU (in float32 the dense perplexity already
@@ -375,155 +340,8 @@ def load_demo_model(dtype: torch.dtype = torch.float64) -> TinyLM:
     """
     p = result_path("sinks_model").with_suffix(".pt")
     if not p.exists():
-        raise FileNotFoundError(f"no stored model at {p}; run python -m swa_lib.lab.sinks --save")
+        raise FileNotFoundError(f"no stored model at {p}; run python -m swa_lib.lab.sinks_run --save")
     blob = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu", weights_only=True)  # tensors and plain data only
     model = TinyLM(ModelConfig(**blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
     return model.to(dtype).eval()
-
-
-def plot_attention_heads(maps: list, layers=None, *, batch: int = 0, ncols: int = 4):
-    """Heat maps of attention probabilities, one panel per (layer, head), ``ncols`` panels a row
-    (a layer's heads take ``ceil(heads / ncols)`` rows); column 0 of each map is token 0."""
-    from matplotlib.colors import PowerNorm
-
-    from .plotting import new_figure
-
-    layers = range(len(maps)) if layers is None else list(layers)
-    heads = maps[0].shape[1]
-    ncols = min(ncols, heads)
-    rows_per_layer = -(-heads // ncols)
-    fig, axes = new_figure(ncols=ncols, nrows=len(layers) * rows_per_layer, width=2.4, height=2.5)
-    for ax in axes.flat:
-        ax.set_visible(False)
-    for r, layer in enumerate(layers):
-        for h in range(heads):
-            ax = axes[r * rows_per_layer + h // ncols, h % ncols]
-            ax.set_visible(True)
-            im = ax.imshow(maps[layer][batch, h].numpy(), cmap="cividis", norm=PowerNorm(0.5, vmin=0, vmax=1),
-                           interpolation="nearest")
-            ax.set_title(f"layer {layer}, head {h}", fontsize=9)
-            ax.tick_params(labelsize=7)
-            ax.set_xlabel("key j", fontsize=8)
-            if h % ncols == 0:
-                ax.set_ylabel("query i", fontsize=8)
-    fig.tight_layout()
-    fig.colorbar(im, ax=axes, shrink=0.5, label="attention weight (square-root scale)")
-    return fig
-
-
-def plot_history(history: list, ax=None):
-    """Training loss (nats per byte) against step."""
-    from .plotting import PALETTE, new_figure
-
-    if ax is None:
-        fig, ax = new_figure(width=5.0, height=3.4)
-    else:
-        fig = ax.figure
-    ax.plot([h[0] for h in history], [h[1] for h in history], color=PALETTE[0])
-    ax.set_xlabel("training step")
-    ax.set_ylabel("loss (nats per byte)")
-    ax.set_title("training the demo model")
-    return fig
-
-
-def format_variants(data: dict, digits: int = 1) -> str:
-    """One line per stored run of ``sinks_variants.json``: layer 0's share of attention on BOS
-    (lowest and highest head), then window-only, the best of 1..4 sinks ("best S") and
-    recomputation without BOS ("no BOS"), each relative to recompute+BOS; with the final training
-    loss (nats per byte) and the training time."""
-    width = max(len("run"), *(len(name) for name in data))
-    lines = [f"{'run':{width}s} | L0 on BOS |  window |  best S |  no BOS | loss  | train"]
-    for name, r in data.items():
-        p, ref = r["ppl"], r["ppl"]["recompute+BOS"]
-        rel = lambda x: f"{100 * (x / ref - 1):+6.{digits}f}%"  # noqa: E731
-        best = min(_sink_policies(p))
-        l0 = r["first_token"][0]
-        loss = "  -  " if r.get("final_loss") is None else f"{r['final_loss']:.3f}"
-        lines.append(f"{name:{width}s} | {min(l0):.2f}-{max(l0):.2f} | {rel(p['window']):>7s} | {rel(best):>7s} | "
-                     f"{rel(p['recompute']):>7s} | {loss} | {r['seconds_train']:3.0f} s")
-    return "\n".join(lines)
-
-
-SPREAD_COLUMNS = (  # (findings key, header, as a percentage?)
-    ("layer0_mean_vs_uniform", "L0 mean", False),
-    ("layer0_min_vs_uniform", "L0 min", False),
-    ("deeper_mean_vs_uniform", "deeper", False),
-    ("window_vs_worst_sinks", "window", True),
-    ("recompute_vs_recompute_bos", "no BOS", True),
-    ("sinks_max_deviation", "sinks", True),
-    ("original_vs_cache_positions", "original", True),
-    ("dense_vs_recompute_bos", "dense", False),
-)
-
-
-def format_spread(data: dict) -> str:
-    """The retrainings of ``sinks_spread.json``, one line per (seed, numerics), then the range and
-    the mean +- standard deviation of every column (see :func:`findings` for what each one is)."""
-    def cell(x, pct):
-        return f"{100 * x:+.1f}%" if pct else f"{x:.2f}x"
-
-    def row(label, values):
-        return f"{label:14s}" + "".join(f"{v:>9s}" for v in values)
-
-    lines = [row("seed numerics", [h for _, h, _ in SPREAD_COLUMNS])]
-    for r in data["runs"]:
-        lines.append(row(f"{r['seed']:4d} {r['numerics']['name']}",
-                         [cell(r["findings"][k], pct) for k, _, pct in SPREAD_COLUMNS]))
-    summ = data["summary"]
-    lines.append(row("lowest", [cell(summ[k]["min"], pct) for k, _, pct in SPREAD_COLUMNS]))
-    lines.append(row("highest", [cell(summ[k]["max"], pct) for k, _, pct in SPREAD_COLUMNS]))
-    lines.append(row("mean", [cell(summ[k]["mean"], pct) for k, _, pct in SPREAD_COLUMNS]))
-    lines.append(row("std. deviation", [cell(summ[k]["stdev"], pct).lstrip("+") for k, _, pct in SPREAD_COLUMNS]))
-    return "\n".join(lines)
-
-
-def save_variant(name: str, result: dict, cfg: DemoConfig) -> None:
-    """Add one run's numbers (no weights) to ``swa_lib/lab/results/sinks_variants.json`` under ``name``."""
-    p = result_path("sinks_variants")
-    data = json.loads(p.read_text()) if p.exists() else {}
-    entry = {k: v for k, v in result.items() if k not in ("model", "history")}
-    entry["final_loss"] = round(result["history"][-1][1], 4) if result.get("history") else None
-    entry["config"] = cfg.as_dict()
-    data[name] = entry
-    p.write_text(json.dumps(data, indent=1))
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: DemoConfig)")
-    ap.add_argument("--heads", type=int, default=None, help="attention heads per layer (width stays 64)")
-    ap.add_argument("--context", type=int, default=None,
-                    help="training context = cache size W (the batch shrinks to keep tokens per step)")
-    ap.add_argument("--seed", type=int, default=None, help="training seed")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--save", action="store_true", help="store weights and numbers in swa_lib/lab/results/")
-    ap.add_argument("--variant", default=None, help="store this run's numbers in sinks_variants.json under NAME")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = DemoConfig()
-    if args.steps is not None:
-        cfg.train.steps = args.steps
-    if args.heads is not None:
-        cfg.model = ModelConfig(**{**asdict(cfg.model), "heads": args.heads, "heads_kv": args.heads})
-    if args.context is not None:
-        tokens = cfg.train.batch * cfg.train.context
-        cfg.train.batch, cfg.train.context = max(1, tokens // args.context), args.context
-    if args.seed is not None:
-        cfg.train.seed = args.seed
-    result = run_demo(cfg)
-    if args.save:
-        save_demo(result, cfg)
-        # Re-evaluate the stored float16 weights so the saved numbers match what the chapter loads.
-        reloaded = run_demo(cfg, model=load_demo_model(), progress=False)
-        reloaded["history"], reloaded["seconds_train"] = result["history"], result["seconds_train"]
-        save_demo({**reloaded, "model": result["model"]}, cfg)
-        result = reloaded
-    if args.variant:
-        save_variant(args.variant, result, cfg)
-    print(format_report(result))
-    print(f"train {result['seconds_train']} s, eval {result['seconds_eval']} s")
-
-
-if __name__ == "__main__":
-    main()

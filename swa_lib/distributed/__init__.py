@@ -29,7 +29,7 @@ Extensions of the window (:mod:`swa_lib.masks`):
   keys; a global *query* sees the whole sequence, so its output is merged exactly from every
   rank's partial softmax with log-sum-exp weights. Global tokens must be the same for every
   batch element here (a ``(N,)`` mask or positions); a per-example ``(B, N)`` mask with differing
-  rows raises ``ValueError``.
+  rows raises ``ValueError``. Any other bad input raises what the entry point raises for it.
 
 Limits: self-attention only (queries, keys and values share the sharding); every shard must
 hold at least one token; all ranks must call the function with the same window, sinks, global
@@ -39,23 +39,25 @@ processes); the code uses only operations that ``nccl`` also provides (``batch_i
 ``all_gather``, ``all_reduce``) and keeps tensors on their device, but has not been run on GPUs
 in this repository's tests.
 
-Self-check on several processes or GPUs (rank 0 prints the largest differences)::
+The plan (shard bounds, key ranges, who sends what) is :mod:`swa_lib.distributed.layout`, pure
+functions of the shard sizes; this module carries it out. A self-check that compares the
+sharded output and gradients with one device under ``torchrun`` (2 CPU processes, or one
+process per GPU) is ``benchmarks/distributed_check.py``::
 
-    torchrun --nproc_per_node=2 -m swa_lib.distributed --length 4096 --window 256 0
+    torchrun --nproc_per_node=2 benchmarks/distributed_check.py --length 4096 --window 256 0
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .attention import _check_qkv, sliding_window_attention
-from .backends.dense import expand_kv
-from .masks import check_int, check_window
+from ..attention import global_mask, sliding_window_attention, validate_call
+from ..backends.dense import expand_kv
+from ..masks import global_token_positions
+from .layout import ShardLayout, halo_plan, halo_tokens_sent, shard_bounds, shard_sequence
 
 __all__ = [
     "shard_bounds",
@@ -66,100 +68,6 @@ __all__ = [
     "halo_tokens_sent",
     "halo_plan",
 ]
-
-
-def shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, end)`` shards of ``n`` tokens over ``world_size`` ranks, as even as possible.
-
-    The first ``n % world_size`` ranks get one token more.
-
-    >>> shard_bounds(10, 4)
-    [(0, 3), (3, 6), (6, 8), (8, 10)]
-    """
-    n = check_int("n", n, 0)
-    world_size = check_int("world_size", world_size, 1)
-    base, extra = divmod(n, world_size)
-    bounds, start = [], 0
-    for r in range(world_size):
-        end = start + base + (1 if r < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """Who owns which positions: ``sizes[r]`` tokens on rank ``r``, in rank order."""
-
-    sizes: tuple[int, ...]
-
-    def __post_init__(self):
-        sizes = tuple(self.sizes)
-        if not sizes:
-            raise ValueError("shard sizes must not be empty")
-        for r, s in enumerate(sizes):
-            if isinstance(s, bool) or not isinstance(s, int):
-                raise TypeError(f"shard size of rank {r} must be an int, got {s!r}")
-            if s < 1:
-                raise ValueError(f"every shard needs at least one token; rank {r} has {s}")
-        object.__setattr__(self, "sizes", sizes)
-
-    @property
-    def n(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def world_size(self) -> int:
-        return len(self.sizes)
-
-    def bounds(self, rank: int) -> tuple[int, int]:
-        start = sum(self.sizes[:rank])
-        return start, start + self.sizes[rank]
-
-    def key_range(self, rank: int, left: int, right: int) -> tuple[int, int]:
-        """Keys ``[ks, ke)`` that the queries of ``rank`` can reach through the band."""
-        s, e = self.bounds(rank)
-        return max(0, s - left), min(self.n, e + right)
-
-    def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
-        """Split positions ``[lo, hi)`` into ``(owner, lo, hi)`` pieces, in position order."""
-        out = []
-        for r in range(self.world_size):
-            s, e = self.bounds(r)
-            a, b = max(lo, s), min(hi, e)
-            if a < b:
-                out.append((r, a, b))
-        return out
-
-
-def halo_tokens_sent(layout: ShardLayout, window) -> list[int]:
-    """Tokens of K/V each rank sends in the halo exchange (one forward pass)."""
-    left, right = check_window(window)
-    sent = [0] * layout.world_size
-    for r in range(layout.world_size):
-        ks, ke = layout.key_range(r, left, right)
-        for owner, a, b in layout.pieces(ks, ke):
-            if owner != r:
-                sent[owner] += b - a
-    return sent
-
-
-def halo_plan(layout: ShardLayout, rank: int, left: int, right: int):
-    """The halo exchange of ``rank`` as two lists of position ranges.
-
-    Returns ``(need, give)``: ``need`` = ``(owner, a, b)`` pieces that make up this rank's keys
-    ``[ks, ke)`` in position order (its own shard included, owner == rank); ``give`` =
-    ``(peer, a, b)`` pieces of its own shard that other ranks need. Every rank computes the
-    whole plan from the shard sizes alone, so no sizes travel over the network.
-    """
-    need = layout.pieces(*layout.key_range(rank, left, right))
-    give = []
-    for peer in range(layout.world_size):
-        if peer != rank:
-            for owner, a, b in layout.pieces(*layout.key_range(peer, left, right)):
-                if owner == rank:
-                    give.append((peer, a, b))
-    return need, give
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,32 +185,19 @@ def _gather_positions(x, positions, layout: ShardLayout, rank: int, group):
 # ---------------------------------------------------------------------------------------
 
 
-def _global_positions(global_tokens, n: int, batch: int) -> list[int]:
-    """Global tokens as sorted positions in the full sequence (shared by the batch)."""
-    if global_tokens is None:
+def _global_positions(global_tokens, n: int, batch: int, device) -> list[int]:
+    """Global tokens, in any form :func:`swa_lib.sliding_window_attention` takes (over the full
+    sequence), as sorted positions; they must be the same for every batch element."""
+    mask = global_mask(global_tokens, batch, n, device)  # (B, N): the entry point's checks
+    if mask is None or not bool(mask.any()):
         return []
-    g = global_tokens if isinstance(global_tokens, torch.Tensor) else torch.as_tensor(global_tokens)
-    if g.dtype == torch.bool:
-        if g.ndim == 2:
-            if g.shape != (batch, n):
-                raise ValueError(f"global_tokens mask must have shape ({batch}, {n}) or ({n},), got {tuple(g.shape)}")
-            if not bool((g == g[:1]).all()):
-                raise ValueError(
-                    "sequence_parallel_attention needs the same global tokens for every batch element; "
-                    f"got a ({batch}, {n}) mask whose rows differ"
-                )
-            g = g[0]
-        if g.shape != (n,):
-            raise ValueError(f"global_tokens mask must have shape ({n},) over the full sequence, got {tuple(g.shape)}")
-        return [int(p) for p in torch.nonzero(g.cpu()).flatten()]
-    if g.dtype.is_floating_point or g.dtype.is_complex:
-        raise TypeError(f"global_tokens must be a bool mask or integer positions, got dtype {g.dtype}")
-    if g.ndim != 1:
-        raise ValueError(f"global_tokens positions must have shape (G,) (shared by the batch), got {tuple(g.shape)}")
-    pos = sorted({int(p) for p in g.cpu()})
-    if pos and (pos[0] < 0 or pos[-1] >= n):
-        raise ValueError(f"global_tokens positions must lie in [0, {n}), got min {pos[0]}, max {pos[-1]}")
-    return pos
+    if not bool((mask == mask[:1]).all()):
+        raise ValueError(
+            "sequence_parallel_attention needs the same global tokens for every batch element; "
+            f"got global tokens whose rows differ over the batch of {batch}"
+        )
+    positions, counts = global_token_positions(mask[:1])
+    return positions[0, : int(counts[0])].tolist()
 
 
 def _layout_from(shard_sizes, n_local: int, group, device) -> ShardLayout:
@@ -346,9 +241,10 @@ def sequence_parallel_attention(
         shard_sizes: tokens per rank; if None they are all-gathered (one small collective).
         dilation, sinks, scale, backend: as in :func:`swa_lib.sliding_window_attention`;
             ``backend`` picks the local backend.
-        global_tokens: positions in the *full* sequence, shared by the batch: a bool mask
-            ``(N,)`` (or ``(B, N)`` with equal rows) or integer positions ``(G,)``; the same on
-            every rank.
+        global_tokens: over the *full* sequence, in any form
+            :func:`swa_lib.sliding_window_attention` takes (a bool mask ``(N,)`` or ``(B, N)``,
+            or integer positions ``(G,)`` or ``(B, G)``), the same for every batch element and
+            on every rank.
 
     Returns:
         The local output shard ``(B, H, n_r, D_v)``.
@@ -359,18 +255,13 @@ def sequence_parallel_attention(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sequence_parallel_attention needs an initialised torch.distributed process group")
-    _check_qkv(q, k, v)
+    # The entry point's checks of q, k, v, window, dilation, sinks and scale, on the local shard.
+    pattern, scale = validate_call(q, k, v, window, dilation=dilation, sinks=sinks, scale=scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"queries and keys must be sharded alike (self-attention): q has {q.shape[2]} tokens, k has {k.shape[2]}"
         )
-    left, right = check_window(window)
-    sinks = check_int("sinks", sinks, 0)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    scale = float(scale)
+    left, right = pattern.window
     rank = dist.get_rank(group)
     layout = _layout_from(shard_sizes, q.shape[2], group, q.device)
     s, e = layout.bounds(rank)
@@ -378,8 +269,8 @@ def sequence_parallel_attention(
         raise ValueError(f"rank {rank} holds {q.shape[2]} tokens but shard_sizes says {e - s}")
     n = layout.n
     batch, heads, d_k = q.shape[0], q.shape[1], k.shape[3]
-    gpos = _global_positions(global_tokens, n, batch)
-    n_sinks = min(sinks, n)
+    gpos = _global_positions(global_tokens, n, batch, q.device)
+    n_sinks = min(pattern.sinks, n)
     ks, ke = layout.key_range(rank, left, right)
 
     # 1. Halo exchange of keys and values together: (B, H_kv, ke - ks, D + D_v).
@@ -440,20 +331,6 @@ def sequence_parallel_attention(
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# Helpers for moving whole sequences in and out of the sharded form (tests, demos).
-# ---------------------------------------------------------------------------------------
-
-
-def shard_sequence(x: torch.Tensor, rank: int, sizes: Sequence[int], dim: int = 2) -> torch.Tensor:
-    """Rank ``rank``'s contiguous slice of the full tensor ``x`` along ``dim``."""
-    layout = ShardLayout(tuple(sizes))
-    if x.shape[dim] != layout.n:
-        raise ValueError(f"x has {x.shape[dim]} positions along dim {dim} but shard sizes sum to {layout.n}")
-    s, e = layout.bounds(rank)
-    return x.narrow(dim, s, e - s)
-
-
 def gather_sequence(x: torch.Tensor, sizes: Sequence[int], group=None, dim: int = 2) -> torch.Tensor:
     """Reassemble the full tensor from every rank's shard (no autograd)."""
     layout = ShardLayout(tuple(sizes))
@@ -465,70 +342,3 @@ def gather_sequence(x: torch.Tensor, sizes: Sequence[int], group=None, dim: int 
     dist.all_gather(out, x, group=group)
     full = torch.cat([t[:size] for t, size in zip(out, layout.sizes)])
     return full.movedim(0, dim)
-
-
-# ---------------------------------------------------------------------------------------
-# A self-check to launch with torchrun (the book runs it with two CPU processes):
-#   torchrun --nproc_per_node=2 -m swa_lib.distributed --length 4096 --window 256 0
-# ---------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> None:
-    """Self-check under torchrun: sharded output and gradients against one device (rank 0 prints)."""
-    import argparse
-    import os
-
-    parser = argparse.ArgumentParser(description="compare sequence_parallel_attention with one device")
-    parser.add_argument("--length", type=int, default=1000, help="total sequence length N")
-    parser.add_argument("--window", type=int, nargs=2, default=(64, 0), metavar=("LEFT", "RIGHT"))
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--global-tokens", type=int, nargs="*", default=[], help="positions in the full sequence")
-    parser.add_argument("--sinks", type=int, default=0)
-    parser.add_argument("--uneven", action="store_true", help="give rank r a share proportional to r + 1")
-    args = parser.parse_args(argv)
-
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.uneven:
-        weights = [r + 1 for r in range(world)]
-        sizes = [args.length * w // sum(weights) for w in weights]
-        sizes[-1] += args.length - sum(sizes)
-    else:
-        sizes = [e - s for s, e in shard_bounds(args.length, world)]
-    gen = torch.Generator().manual_seed(0)  # the same full tensors on every rank
-    full = [torch.randn(1, args.heads, args.length, args.dim, generator=gen, dtype=torch.float64).float().to(device)
-            for _ in range(4)]
-    q, k, v, grad_out = full
-    opts = {"sinks": args.sinks}
-    if args.global_tokens:
-        opts["global_tokens"] = torch.tensor(args.global_tokens)
-    window = tuple(args.window)
-
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = sliding_window_attention(*ref_in, window, **opts)  # one device: the whole sequence
-    ref.backward(grad_out)
-
-    local = [shard_sequence(t, rank, sizes).clone().requires_grad_() for t in (q, k, v)]
-    out = sequence_parallel_attention(*local, window, shard_sizes=sizes, **opts)
-    out.backward(shard_sequence(grad_out, rank, sizes))
-
-    errs = [(out - shard_sequence(ref, rank, sizes)).abs().max()]
-    errs += [(a.grad - shard_sequence(b.grad, rank, sizes)).abs().max() for a, b in zip(local, ref_in)]
-    errs = torch.stack(errs).detach()
-    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
-    layout = ShardLayout(tuple(sizes))
-    if rank == 0:
-        print(f"{world} ranks ({dist.get_backend()}), N = {args.length}, window = {window}, shard sizes = {sizes}")
-        print(f"halo tokens sent per rank: {halo_tokens_sent(layout, window)}")
-        for name, err in zip(("output", "grad q", "grad k", "grad v"), errs.tolist()):
-            print(f"  {name:<7} max |sharded - one device| < 1e-5: {err < 1e-5}")
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -3,19 +3,17 @@
 Each world size is one ``torch.multiprocessing.spawn`` of gloo processes on 127.0.0.1 (start-up
 costs seconds, so all cases of a world run in that one spawn); every rank checks its output
 shard and its gradient shards against :func:`swa_lib.sliding_window_attention` on the full
-tensors with the comparison of the torchrun self-check (``benchmarks/distributed_check.py``),
+tensors with the comparison of the torchrun self-check (:mod:`swa_lib.lab.distributed_check`),
 the worst error over ranks is all-reduced, and rank 0 writes one JSON record per case. The
 parametrised tests below then assert on those records.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,16 +30,8 @@ from swa_lib.distributed import (
 )
 
 
-def _load_check():
-    """benchmarks/distributed_check.py, the torchrun self-check whose comparison runs here."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "distributed_check.py"
-    spec = importlib.util.spec_from_file_location("distributed_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from swa_lib.lab import distributed_check as CHECK  # noqa: E402  (the torchrun self-check)
 
-
-CHECK = _load_check()
 TOL = CHECK.TOL
 
 # name: (N, shard sizes or None for even, B, H, H_kv, D, window, options)

@@ -42,9 +42,9 @@ in this repository's tests.
 The plan (shard bounds, key ranges, who sends what) is :mod:`swa_lib.distributed.layout`, pure
 functions of the shard sizes; this module carries it out. A self-check that compares the
 sharded output and gradients with one device under ``torchrun`` (2 CPU processes, or one
-process per GPU) is ``benchmarks/distributed_check.py``::
+process per GPU) is :mod:`swa_lib.lab.distributed_check`::
 
-    torchrun --nproc_per_node=2 benchmarks/distributed_check.py --length 4096 --window 256 0
+    torchrun --nproc_per_node=2 -m swa_lib.lab.distributed_check --length 4096 --window 256 0
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Self-check of sequence parallel attention under torchrun: sharded against one device.
 
-    torchrun --nproc_per_node=2 benchmarks/distributed_check.py --length 4096 --window 256 0
-    torchrun --nproc_per_node=8 benchmarks/distributed_check.py --length 131072 --window 4096 0
+    torchrun --nproc_per_node=2 -m swa_lib.lab.distributed_check --length 4096 --window 256 0
+    torchrun --nproc_per_node=8 -m swa_lib.lab.distributed_check --length 131072 --window 4096 0
 
 Every process builds the same random full tensors, computes the one-device result of
 :func:`swa_lib.sliding_window_attention` and its gradients, then runs
@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from swa_lib import sliding_window_attention  # noqa: E402
-from swa_lib.distributed import (  # noqa: E402
+from ..attention import sliding_window_attention
+from ..distributed import (
     ShardLayout,
     halo_tokens_sent,
     sequence_parallel_attention,

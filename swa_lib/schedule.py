@@ -3,9 +3,9 @@
 Longformer :cite:`beltagy2020longformer` does not give every layer the same window: lower
 layers get small windows (they model local context), upper layers wider ones, and in the upper
 layers a few heads are *dilated* so they reach further for the same number of keys.
-:class:`WindowSchedule` describes such a stack as a typed config and expands it into the
-:class:`swa_lib.lab.receptive_field.LayerWindow` list that :func:`~swa_lib.lab.receptive_field.measure_influence`
-and :class:`~swa_lib.lab.receptive_field.AttentionStack` take.
+:class:`WindowSchedule` describes such a stack as a typed config and expands it into a list of
+:class:`LayerWindow` (one layer's window, dilation and global tokens), which the book's lab
+measures (:func:`swa_lib.lab.receptive_field.measure_influence`).
 
 Semantics are swa_lib's (:mod:`swa_lib.masks`): a layer's window ``(left, right)`` is a *span*
 shared by all heads, and dilation ``d`` keeps the keys with ``(i - j) % d == 0`` inside it. A

@@ -58,7 +58,7 @@ FEATURES = [
         ("on " + ", ".join(sorted(b.auto_devices)) + ", " if b.auto_devices != b.devices else "")
         + ("any length" if b.max_auto_len is None else f"up to {b.max_auto_len:,} keys"))),
     ("``auto`` priority", lambda b: str(b.priority)),
-    ("available where this page was built", lambda b: _yes(b.is_available())),
+    ("available where this page was built", lambda b: _yes(bool(b.runs_on()))),
 ]
 
 
@@ -168,11 +168,12 @@ class SubmoduleApi(_RstDirective):
     def rst_lines(self):
         import swa_lib
 
-        top = {id(getattr(swa_lib, n)) for n in swa_lib.__all__}
+        seen = {id(getattr(swa_lib, n)) for n in swa_lib.__all__}  # each object documented once
         lines = []
         for mod_name in public_submodules():
             module = importlib.import_module(f"swa_lib.{mod_name}")
-            names = [n for n in getattr(module, "__all__", []) if id(getattr(module, n)) not in top]
+            names = [n for n in getattr(module, "__all__", []) if id(getattr(module, n)) not in seen]
+            seen |= {id(getattr(module, n)) for n in names}
             title = f"``swa_lib.{mod_name}``"
             lines += [title, "~" * len(title), ""]
             doc = inspect.getdoc(module) or ""
@@ -180,7 +181,7 @@ class SubmoduleApi(_RstDirective):
             if summary:
                 lines += [summary, ""]
             if not names:
-                lines += ["Everything public here is exported at the top level (above).", ""]
+                lines += ["Everything public here is documented above (it is re-exported there).", ""]
             for name in names:
                 lines += _auto(getattr(module, name), f"swa_lib.{mod_name}.{name}")
         return lines

@@ -84,6 +84,6 @@ register_backend(Backend(
     # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (triton 3.9): fp16/fp32 there.
     device_dtypes={"cpu": frozenset({torch.float16, torch.float32})},
     head_dims=TRITON_HEAD_DIMS, same_value_dim=True, cross_length=False,
-    is_available=lambda: bool(_triton_devices()), devices_now=_triton_devices,
+    devices_now=_triton_devices,
     auto_devices=frozenset({"cuda"}),
 ))

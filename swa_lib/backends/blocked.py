@@ -237,7 +237,7 @@ class _BandFunction(torch.autograd.Function):
                         lse[b, h, t0:t1] = s.amax(-1) - torch.log(p.amax(-1))
         ctx.save_for_backward(qs, kp, vp, out)
         ctx.plan, ctx.masks, ctx.scale, ctx.group = plan, masks, scale, group
-        ctx.shapes = (q.dtype, k.dtype, v.dtype)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         ctx.set_materialize_grads(False)
         out = out.reshape(batch, heads, nb * bq, d_v)[:, :, :n_q]
         if with_lse:
@@ -289,7 +289,7 @@ class _BandFunction(torch.autograd.Function):
                     dk_band = torch.bmm(ds.transpose(1, 2), qb)  # (ns, L, D)
                     _fold(dk[b, hk], dk_band, plan, t0, segments)
                     _fold(dv[b, hk], dv_band, plan, t0, segments)
-        q_dtype, k_dtype, v_dtype = ctx.shapes
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
         dq = dq.reshape(batch, heads, nb * bq, d)[:, :, : plan.n_q].mul_(scale)
         dk = _unpad_keys(dk[:, :, : plan.padded_keys], plan)
         dv = _unpad_keys(dv[:, :, : plan.padded_keys], plan)

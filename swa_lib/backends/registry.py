@@ -42,7 +42,8 @@ class Backend:
         autograd: whether gradients flow through it.
         is_available: a check for optional dependencies (e.g. Triton).
         devices_now: the device types it can run on in this process, found at call time, when
-            that is decided by the environment (Triton: CUDA compiled, or CPU in the interpreter).
+            that is decided by the environment (Triton: CUDA compiled, or CPU in the interpreter);
+            none at all makes the backend unavailable.
         auto: whether ``"auto"`` may choose it (the loop oracle never is chosen).
         auto_devices: the device types on which ``"auto"`` may choose it.
         max_auto_len: ``"auto"`` skips it above this many keys (dense paths are O(N^2)).
@@ -55,7 +56,7 @@ class Backend:
     priority: int
     devices: frozenset = ALL_DEVICES
     dtypes: frozenset = FLOAT_DTYPES
-    device_dtypes: Mapping[str, frozenset] = None
+    device_dtypes: Optional[Mapping[str, frozenset]] = None
     head_dims: Optional[frozenset] = None
     same_value_dim: bool = False
     dilation: bool = True
@@ -71,6 +72,12 @@ class Backend:
     max_auto_len: Optional[int] = None
     wide_windows: bool = False
 
+    def runs_on(self) -> frozenset:
+        """The device types it can run on in this process (empty: not available here)."""
+        if not self.is_available():
+            return frozenset()
+        return self.devices if self.devices_now is None else self.devices & self.devices_now()
+
     def dtypes_on(self, device_type: str) -> frozenset:
         """The dtypes it accepts on one device type."""
         return (self.device_dtypes or {}).get(device_type, self.dtypes)
@@ -78,13 +85,12 @@ class Backend:
     def unsupported(self, q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern,
                     v: Optional[torch.Tensor] = None) -> Optional[str]:
         """Why this backend cannot run the call, or None if it can."""
-        if not self.is_available():
+        runs_on = self.runs_on()
+        if not runs_on:
             return f"backend {self.name!r} is not available here (missing optional dependency or device)"
         device = q.device.type
-        now = self.devices if self.devices_now is None else self.devices_now()
-        if device not in self.devices or device not in now:
-            runs_on = sorted(now & self.devices)
-            return f"backend {self.name!r} does not run on device {device!r} in this process (runs on {runs_on})"
+        if device not in runs_on:
+            return f"backend {self.name!r} does not run on device {device!r} in this process (runs on {sorted(runs_on)})"
         if q.dtype not in self.dtypes_on(device):
             names = sorted(str(d).replace("torch.", "") for d in self.dtypes_on(device))
             return f"backend {self.name!r} does not support dtype {q.dtype} on {device!r} (supports {names})"
@@ -116,7 +122,7 @@ def register_backend(backend: Backend) -> Backend:
 
 def available_backends() -> list[str]:
     """Names of the registered backends that can run on this machine."""
-    return [name for name, b in BACKENDS.items() if b.is_available()]
+    return [name for name, b in BACKENDS.items() if b.runs_on()]
 
 
 def get_backend(name: str) -> Backend:

@@ -306,22 +306,25 @@ def to_longformer(window) -> int:
 
 
 def from_mistral(sliding_window: int) -> tuple[int, int]:
-    """Mistral's ``sliding_window`` W to ``(left, right)`` = ``(W, 0)``.
+    """Mistral's ``sliding_window`` W to ``(left, right)`` = ``(W - 1, 0)``: W keys, itself included.
 
-    The Mistral 7B paper (Jiang et al. 2023, section 2) lets position i attend to positions
-    "between i - W and i", and the reference implementation (mistral-src one_file_ref.py)
-    builds ``torch.triu(torch.tril(ones), diagonal=-sliding_window)``: keys i-W..i, W+1 keys.
+    This is what Mistral's models see when they run. mistral-inference's cache holds W slots and
+    builds xformers' ``make_local_attention(W)`` masks, which keep keys ``i - W + 1 .. i``
+    (xformers materialises them as ``triu(tril(ones), diagonal=-W + 1)``); Hugging Face's
+    Mistral sees the same W keys (:func:`from_hf`). The paper's wording ("between i - W and
+    i") and the prefill mask of the 2023 one-file reference (``diagonal=-sliding_window``)
+    count one key more; chapter 2 of the book tells the story.
     """
-    w = check_int("sliding_window", sliding_window, 0)
-    return (w, 0)
+    w = check_int("sliding_window", sliding_window, 1)
+    return (w - 1, 0)
 
 
 def to_mistral(window) -> int:
-    """``(left, 0)`` to Mistral's ``sliding_window``; a causal window is required."""
+    """``(left, 0)`` to Mistral's ``sliding_window`` (= left + 1); a causal window is required."""
     left, right = check_window(window)
     if right != 0:
         raise ValueError(f"Mistral windows are causal (right == 0), got right={right}")
-    return left
+    return left + 1
 
 
 def from_flash_attn(window_size) -> tuple[int, int]:
@@ -351,7 +354,7 @@ def from_hf(sliding_window: int) -> tuple[int, int]:
 
     transformers' masking_utils.py ``sliding_window_overlay`` keeps key ``kv_idx`` for query
     ``q_idx`` iff ``kv_idx > q_idx - sliding_window`` (on top of the causal mask), so a query
-    sees W keys counting itself, one fewer than Mistral's reference code with the same number.
+    sees W keys counting itself, as Mistral's own code does (:func:`from_mistral`).
     """
     w = check_int("sliding_window", sliding_window, 1)
     return (w - 1, 0)
@@ -369,7 +372,7 @@ def to_hf(window) -> int:
 CONVENTIONS = [
     ("swa_lib", "window=(left, right)", "inclusive: i-left <= j <= i+right", "(left, right)", "left+right+1"),
     ("Longformer (HF)", "attention_window=w", "w/2 keys on each side", "(w/2, w/2)", "w+1"),
-    ("Mistral (paper, reference)", "sliding_window=W", "keys i-W .. i", "(W, 0)", "W+1"),
+    ("Mistral (mistral-inference)", "sliding_window=W", "keys i-W+1 .. i", "(W-1, 0)", "W"),
     ("FlashAttention", "window_size=(l, r)", "keys i-l .. i+r (-1 = unbounded)", "(l, r)", "l+r+1"),
     ("HF transformers", "sliding_window=W", "keys with j > i-W, causal", "(W-1, 0)", "W"),
 ]

@@ -188,8 +188,8 @@ def schedule_reach(layers, num_layers: Optional[int] = None) -> tuple[int, int]:
     window's side, rounded down to a multiple of the dilation (span 6 with dilation 4 reaches 4).
     ``layers`` is anything :func:`as_layers` takes.
 
-    >>> schedule_reach((4096, 0), 32)   # Mistral 7B: 32 layers, window 4096
-    (131072, 0)
+    >>> schedule_reach((4095, 0), 32)   # Mistral 7B: 32 layers, sliding_window 4096
+    (131040, 0)
     """
     stack = as_layers(layers, num_layers)
     left = right = 0

@@ -123,16 +123,38 @@ def test_longformer_round_trip():
         swa_lib.to_longformer((3, 0))
 
 
-def test_mistral_round_trip_and_reference_mask():
+def test_mistral_round_trip_and_production_mask():
     w = 3
-    assert swa_lib.from_mistral(4096) == (4096, 0)
-    assert swa_lib.to_mistral((4096, 0)) == 4096
-    # Mistral's reference code: triu(tril(ones), diagonal=-sliding_window)
+    assert swa_lib.from_mistral(4096) == (4095, 0)
+    assert swa_lib.to_mistral((4095, 0)) == 4096
+    assert swa_lib.from_mistral(w) == swa_lib.from_hf(w)
+    # mistral-inference's masks: xformers' make_local_attention(W), materialised by xformers as
+    # triu(tril(ones), diagonal=-W + 1)
     n = 9
-    ref = torch.triu(torch.tril(torch.ones(n, n)), diagonal=-w).bool()
-    assert torch.equal(swa_lib.window_mask(n, swa_lib.from_mistral(w)), ref)
+    production = torch.triu(torch.tril(torch.ones(n, n)), diagonal=-w + 1).bool()
+    assert torch.equal(swa_lib.window_mask(n, swa_lib.from_mistral(w)), production)
+    # the 2023 one-file reference's prefill mask, diagonal=-W, kept one key more
+    one_file_prefill = torch.triu(torch.tril(torch.ones(n, n)), diagonal=-w).bool()
+    assert torch.equal(swa_lib.window_mask(n, (w, 0)), one_file_prefill)
     with pytest.raises(ValueError, match="causal"):
         swa_lib.to_mistral((3, 1))
+    with pytest.raises(ValueError, match="sliding_window must be >= 1, got 0"):
+        swa_lib.from_mistral(0)
+
+
+def test_mistral_model_in_transformers_sees_what_from_mistral_says():
+    transformers = pytest.importorskip("transformers")
+    w, n = 3, 11
+    cfg = transformers.MistralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, sliding_window=w, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.MistralModel._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        weights = model(torch.randint(0, 32, (1, n)), output_attentions=True).attentions[0][0]
+    seen = weights.abs().sum(0) > 0
+    assert torch.equal(seen, swa_lib.window_mask(n, swa_lib.from_mistral(w)))
 
 
 def test_flash_attn_convention():
@@ -179,5 +201,5 @@ def test_conventions_table_is_consistent():
         return window[0] + window[1] + 1
 
     assert keys(swa_lib.from_longformer(8)) == 8 + 1
-    assert keys(swa_lib.from_mistral(8)) == 8 + 1
+    assert keys(swa_lib.from_mistral(8)) == 8
     assert keys(swa_lib.from_hf(8)) == 8

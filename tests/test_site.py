@@ -315,6 +315,18 @@ def test_page_in_browser(doc, site, browser):
     if len(images) < expected:
         failures.append(f"the notebook stores {expected} figures but the page shows {len(images)} images")
 
+    # It fits the column at 1280 px: nothing inside the article scrolls sideways (code, outputs,
+    # tables, math). An element that overflows is reported with a piece of its text.
+    overflowing = browser.execute_script(
+        "return Array.from(document.querySelectorAll('article *'))"
+        ".filter(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1"
+        "  && getComputedStyle(e).overflowX !== 'visible')"
+        ".map(e => `${e.tagName.toLowerCase()}.${e.className}: ${e.scrollWidth} > ${e.clientWidth} px: `"
+        "  + e.textContent.trim().slice(0, 70))"
+    )
+    if overflowing:
+        failures.append("wider than the column (scrolls sideways):\n    " + "\n    ".join(overflowing))
+
     # Chapter pages: a Colab launch link to this notebook, and a download link that serves it.
     if _source(doc).suffix == ".ipynb":
         links = browser.execute_script(

@@ -2,7 +2,9 @@
 
 Rules: opaque white backgrounds so figures read in dark mode, labelled axes with
 units, a colour-blind-safe palette (Okabe & Ito 2008), and sizes that draw in well under a
-second on a CPU. Functions return the matplotlib Figure so notebooks can display or save it.
+second on a CPU. Every figure is at most :data:`COLUMN_WIDTH` wide, so the page shows it at
+full size and its text (9 pt and up) stays legible; legends sit outside the data. Functions
+return the matplotlib Figure so notebooks can display or save it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.colors import ListedColormap, PowerNorm
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from ..kv_cache import RollingKVCache
 
 __all__ = [
     "PALETTE",
+    "COLUMN_WIDTH",
     "new_figure",
     "plot_mask",
     "plot_masks",
@@ -39,9 +43,21 @@ PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
 
 _MASK_CMAP = ListedColormap(["#F2F2F2", "#0072B2"])  # hidden, visible
 
+#: Width in inches of the book's text column at the 100 dpi figures are drawn at (the page
+#: column is about 730 px wide at a 1280 px window): a figure no wider is never scaled down.
+COLUMN_WIDTH = 7.2
+_MIN_FONT = 9  # points; the smallest text a figure draws
+
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 4.0, **kwargs):
-    """A figure with an opaque white background and the book's default size per panel."""
+    """A figure with an opaque white background and the book's default size per panel.
+
+    Panels that would make the figure wider than :data:`COLUMN_WIDTH` are shrunk (height too,
+    keeping their shape) so the page never scales the figure, and its text, down.
+    """
+    if width * ncols > COLUMN_WIDTH:
+        shrink = COLUMN_WIDTH / (width * ncols)
+        width, height = width * shrink, height * shrink
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(width * ncols, height * nrows), facecolor="white", squeeze=False, **kwargs
     )
@@ -82,10 +98,16 @@ def plot_mask(
     return fig
 
 
-def plot_masks(masks: dict, *, labels: Optional[Sequence[str]] = None, width: float = 3.6):
-    """Several masks side by side, titled by the dict keys."""
-    fig, axes = new_figure(ncols=len(masks), width=width, height=width)
+def plot_masks(masks: dict, *, labels: Optional[Sequence[str]] = None, width: float = 3.6,
+               ncols: int = 3):
+    """Several masks, titled by the dict keys, ``ncols`` to a row (default 3, so each panel
+    stays large enough for its labels in the column)."""
+    ncols = max(1, min(ncols, len(masks)))
+    nrows = -(-len(masks) // ncols)
+    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=width, height=width)
     axes = np.atleast_1d(axes).ravel()
+    for ax in axes[len(masks):]:
+        ax.set_visible(False)
     for ax, (title, mask) in zip(axes, masks.items()):
         plot_mask(mask, ax, title=title, labels=labels)
     fig.tight_layout()
@@ -123,7 +145,8 @@ def plot_scaling(
             continue
         xs, vs = zip(*pts)
         if slopes and len(pts) >= 3:
-            label = f"{label} (slope {fit_loglog_slope(xs, vs):.2f})"
+            slope = round(fit_loglog_slope(xs, vs), 2) + 0.0  # + 0.0: never "-0.00"
+            label = f"{label} (slope {slope:.2f})"
         ax.loglog(xs, vs, "o-", color=color, label=label)
     for p, style in zip(reference_slopes, (":", "--")):
         x0, x1 = x[0], x[-1]
@@ -134,9 +157,25 @@ def plot_scaling(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
+    # The measured lengths label the x axis (log axes over a decade or two otherwise label
+    # minor ticks too, and those overlap); on y, minor labels only where no decade is shown.
+    xs_all = sorted({v for v in x if v and v > 0})
+    if 2 <= len(xs_all) <= 10:
+        ax.set_xticks(xs_all, [f"{v:,.0f}" if v >= 1 else f"{v:g}" for v in xs_all])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    lo, hi = ax.get_ylim()
+    if hi / lo > 10:
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(frameon=True, facecolor="white")
+    _legend_below(ax)
     return fig
+
+
+def _legend_below(ax, ncol: int = 1):
+    """The legend under the axes, outside the data."""
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol,
+              fontsize=_MIN_FONT)
 
 
 def plot_receptive_field(influence: np.ndarray, *, window_text: str = "", ax=None):
@@ -179,7 +218,7 @@ def plot_rolling_buffer(window: int, steps, *, ax=None):
             ax.add_patch(Rectangle((slot - 0.45, row - 0.4), 0.9, 0.8, facecolor=color,
                                    edgecolor="black" if last else "white", linewidth=2 if last else 0.5))
             if p >= 0:
-                ax.text(slot, row, str(p), ha="center", va="center", fontsize=9)
+                ax.text(slot, row, str(p), ha="center", va="center", fontsize=_MIN_FONT)
     ax.set_xticks(range(window))
     ax.set_yticks(range(len(steps)), [f"after {s}" for s in steps])
     ax.set_xlabel("slot (position p goes to slot p mod W)")
@@ -189,24 +228,34 @@ def plot_rolling_buffer(window: int, steps, *, ax=None):
 
 
 def plot_decode_bench(data: dict):
-    """Decode speed and cache memory against generated length, from ``decode_bench.json``."""
-    fig, axes = new_figure(ncols=2, width=5.0, height=3.8)
-    ax1, ax2 = axes[0, 0], axes[0, 1]
+    """Decode speed and cache memory against generated length, from ``decode_bench.json``.
+
+    Caches too small to see next to the full cache are named in a note with their sizes, so
+    no line lies hidden along zero."""
+    fig, axes = new_figure(nrows=2, width=COLUMN_WIDTH, height=2.6, sharex=True)
+    ax1, ax2 = axes[0, 0], axes[1, 0]
+    peak = max(r["cache_bytes"] for recs in data["results"].values() for r in recs) / 2**20
+    flat = []
     for color, (name, recs) in zip(PALETTE, data["results"].items()):
         n = [r["tokens"] for r in recs]
+        mib = [r["cache_bytes"] / 2**20 for r in recs]
         ax1.plot(n, [r["tokens_per_s"] for r in recs], "o-", color=color, label=name, markersize=3)
-        ax2.plot(n, [r["cache_bytes"] / 2**20 for r in recs], "o-", color=color, label=name, markersize=3)
-    ax1.set_xlabel("tokens generated")
-    ax1.set_ylabel("decode speed (tokens/s)")
+        ax2.plot(n, mib, "o-", color=color, markersize=3)
+        if max(mib) < 0.03 * peak:
+            flat.append(f"{name}: {max(mib):.2g} MiB" if max(mib) > 0 else f"{name}: none")
+    ax1.set_ylabel("decode speed\n(tokens/s)")
     ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax1.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
     m = data["model"]
-    ax1.set_title(f"TinyLM decode (width {m['dim']}, {m['layers']} layers), W = {data['window']}, batch 1, CPU",
-                  fontsize=10)
+    ax1.set_title(f"TinyLM decode (width {m['dim']}, {m['layers']} layers), W = {data['window']}, batch 1, CPU")
     ax2.set_xlabel("tokens generated")
-    ax2.set_ylabel("KV cache memory (MiB)")
-    ax2.set_title("cache memory (tensor sizes)")
-    ax1.legend()
-    ax2.legend()
+    ax2.set_ylabel("KV cache memory\n(MiB, tensor sizes)")
+    if flat:
+        ax2.text(0.02, 0.95, "near zero, at most: " + "; ".join(flat), transform=ax2.transAxes,
+                 va="top", fontsize=_MIN_FONT)
+    fig.legend(*ax1.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=len(data["results"]), frameon=False, fontsize=_MIN_FONT)
     fig.tight_layout()
     return fig
 
@@ -218,22 +267,36 @@ def plot_reach_growth(curves: dict, measured: Optional[dict] = None, *, ax=None,
         fig, ax = new_figure(width=6, height=4)
     else:
         fig = ax.figure
-    for color, (label, sizes) in zip(PALETTE, curves.items()):
+    # Curves with the same values would hide one another: draw them once, named together.
+    groups: dict = {}
+    for label, sizes in curves.items():
+        groups.setdefault(tuple(np.asarray(sizes).tolist()), []).append(label)
+    for color, (sizes, labels) in zip(PALETTE, groups.items()):
         depth = np.arange(1, len(sizes) + 1)
-        ax.plot(depth, sizes, "-", color=color, label=f"{label} (analytic)")
-        if measured and label in measured:
-            m = measured[label]
-            ax.plot(np.arange(1, len(m) + 1), m, "o", color=color, label=f"{label} (measured)")
+        ax.plot(depth, sizes, "-", color=color, label=" = ".join(labels) + " (analytic)")
+        for label in labels:
+            if measured and label in measured:
+                m = measured[label]
+                ax.plot(np.arange(1, len(m) + 1), m, "o", color=color, label=f"{label} (measured)",
+                        markersize=7 if label == labels[0] else 4)
     ax.set_xlabel("number of layers L")
     ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
-    ax.legend(frameon=True, facecolor="white")
+    _legend_below(ax, ncol=2)
     return fig
 
 
-def plot_attention_heads(maps: list, layers=None, *, batch: int = 0, ncols: int = 4):
+def plot_attention_heads(maps: list, layers=None, *, batch: int = 0, ncols: int = 4, masks=None):
     """Heat maps of attention probabilities, one panel per (layer, head), ``ncols`` panels a row
-    (a layer's heads take ``ceil(heads / ncols)`` rows); column 0 of each map is token 0."""
+    (a layer's heads take ``ceil(heads / ncols)`` rows); column 0 of each map is token 0.
+
+    Keys a query may not see are drawn light grey, apart from visible keys of weight near 0:
+    ``masks`` (one boolean (n_q, n_k) mask per map, True = visible) says which they are; without
+    it, weights of exactly 0 (what a softmax over a masked score gives) count as masked.
+    """
+    cmap = plt.get_cmap("cividis").with_extremes(bad="#E6E6E6")
     layers = range(len(maps)) if layers is None else list(layers)
     heads = maps[0].shape[1]
     ncols = min(ncols, heads)
@@ -245,15 +308,19 @@ def plot_attention_heads(maps: list, layers=None, *, batch: int = 0, ncols: int 
         for h in range(heads):
             ax = axes[r * rows_per_layer + h // ncols, h % ncols]
             ax.set_visible(True)
-            im = ax.imshow(maps[layer][batch, h].numpy(), cmap="cividis", norm=PowerNorm(0.5, vmin=0, vmax=1),
-                           interpolation="nearest")
-            ax.set_title(f"layer {layer}, head {h}", fontsize=9)
-            ax.tick_params(labelsize=7)
-            ax.set_xlabel("key j", fontsize=8)
+            weights = maps[layer][batch, h].detach().float().numpy()
+            visible = weights != 0 if masks is None else np.asarray(masks[layer], bool)
+            im = ax.imshow(np.ma.masked_where(~visible, weights), cmap=cmap,
+                           norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+            ax.set_title(f"layer {layer}, head {h}", fontsize=_MIN_FONT)
+            ax.tick_params(labelsize=_MIN_FONT)
+            ax.set_xlabel("key j", fontsize=_MIN_FONT)
             if h % ncols == 0:
-                ax.set_ylabel("query i", fontsize=8)
+                ax.set_ylabel("query i", fontsize=_MIN_FONT)
     fig.tight_layout()
     fig.colorbar(im, ax=axes, shrink=0.5, label="attention weight (square-root scale)")
+    fig.legend(handles=[Patch(facecolor="#E6E6E6", label="not visible (masked)")], loc="lower center",
+               bbox_to_anchor=(0.5, -0.02), frameon=False, fontsize=_MIN_FONT)
     return fig
 
 

@@ -1,0 +1,87 @@
+"""The book's figures fit the page column and keep their text legible (swa_lib.lab.plotting)."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+
+import swa_lib  # noqa: E402
+from swa_lib.lab import plotting  # noqa: E402
+from swa_lib.lab import results  # noqa: E402
+
+
+def _masks():
+    return {f"({l}, {r})": swa_lib.window_mask(12, (l, r)) for l, r in [(1, 1), (2, 0), (0, 2), (3, 3)]}
+
+
+def _heads():
+    torch.manual_seed(0)
+    mask = swa_lib.window_mask(10, (3, 0))
+    scores = torch.randn(1, 4, 10, 10).masked_fill(~mask, float("-inf"))
+    return [scores.softmax(-1), scores.softmax(-1)]
+
+
+FIGURES = {
+    "masks": lambda: plotting.plot_masks(_masks(), labels=[str(i) for i in range(12)]),
+    "scaling": lambda: plotting.plot_scaling([16, 32, 64, 128], {"a": [1, 2, 4, 8], "b": [3, 3, 3, 3]},
+                                             reference_slopes=(1, 2)),
+    "receptive field": lambda: plotting.plot_receptive_field(np.random.rand(4, 30), window_text="(2, 0)"),
+    "rolling buffer": lambda: plotting.plot_rolling_buffer(4, [1, 4, 7]),
+    "decode bench": lambda: plotting.plot_decode_bench(results.load("decode_bench")),
+    "reach growth": lambda: plotting.plot_reach_growth({"a": [3, 5, 7], "b": [3, 7, 11]}),
+    "attention heads": lambda: plotting.plot_attention_heads(_heads()),
+    "history": lambda: plotting.plot_history([(0, 3.0), (10, 2.0), (20, 1.5)]),
+    "wide panels": lambda: plotting.new_figure(ncols=4, width=5.0, height=4.0)[0],
+}
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_figures_fit_the_column_and_their_text_is_at_least_9_points(name):
+    fig = FIGURES[name]()
+    try:
+        fig.canvas.draw()
+        tight = fig.get_tightbbox(fig.canvas.get_renderer())  # what bbox_inches="tight" saves
+        assert tight.width <= plotting.COLUMN_WIDTH * 1.02, f"{name}: {tight.width:.2f} in wide"
+        small = sorted({(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
+                        if t.get_visible() and t.get_text().strip() and t.get_fontsize() < 9})
+        assert not small, f"{name}: text under 9 pt: {small[:5]}"
+    finally:
+        plt.close(fig)
+
+
+def test_identical_curves_are_drawn_once_and_named_together():
+    fig = plotting.plot_reach_growth({"dilation 2": [3, 7, 11], "schedule": [3, 7, 11], "plain": [3, 5, 7]})
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    plt.close(fig)
+    assert labels == ["dilation 2 = schedule (analytic)", "plain (analytic)"]
+
+
+def test_a_flat_fit_is_labelled_slope_0_not_minus_0():
+    fig = plotting.plot_scaling([16, 32, 64], {"flat": [3.0, 3.0 * (1 - 1e-4), 3.0 * (1 - 2e-4)]})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    plt.close(fig)
+    assert labels == ["flat (slope 0.00)"]
+
+
+def test_near_zero_caches_are_named_instead_of_hidden_along_zero():
+    data = results.load("decode_bench")
+    fig = plotting.plot_decode_bench(data)
+    texts = " ".join(t.get_text() for t in fig.axes[1].texts)
+    plt.close(fig)
+    assert "rolling" in texts and "recompute: none" in texts
+
+
+def test_masked_attention_is_drawn_apart_from_zero_weight():
+    maps = _heads()
+    fig = plotting.plot_attention_heads(maps)
+    shown = fig.axes[0].get_images()[0].get_array()
+    plt.close(fig)
+    expected_hidden = ~swa_lib.window_mask(10, (3, 0)).numpy()
+    assert np.array_equal(np.ma.getmaskarray(shown), expected_hidden)

@@ -5,7 +5,9 @@ costs seconds, so all cases of a world run in that one spawn); every rank checks
 shard and its gradient shards against :func:`swa_lib.sliding_window_attention` on the full
 tensors with the comparison of the torchrun self-check (:mod:`swa_lib.lab.distributed_check`),
 the worst error over ranks is all-reduced, and rank 0 writes one JSON record per case. The
-parametrised tests below then assert on those records.
+parametrised tests below then assert on those records. The same spawn also makes ranks disagree
+(window, global tokens, dtype, head size, ...) and collects every rank's error message; the
+spawn has a deadline, so a hang fails the tests instead of stalling them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from datetime import timedelta
 
 import pytest
@@ -28,6 +31,7 @@ from swa_lib.distributed import (
     sequence_parallel_attention,
     shard_bounds,
 )
+from swa_lib.distributed.layout import AGREEMENT_SLOTS, agreed_layout, agreement_row, check_agreement, rejected_row
 
 
 from swa_lib.lab import distributed_check as CHECK  # noqa: E402  (the torchrun self-check)
@@ -116,6 +120,54 @@ def _errors_raised(rank, world):
     return found
 
 
+def _disagreements_raised(rank, world):
+    """Rank ``world // 2`` passes something else than the others; every rank's message, by case.
+
+    After the errors, an agreeing call must still match one device (the group stayed in step).
+    """
+    odd = rank == world // 2
+    sizes = [4] * world
+
+    def call(n=4, h=1, d=4, dtype=torch.float32, window=(4, 0), grad=False, shard_sizes=sizes, **options):
+        x = torch.randn(1, h, n, d, dtype=dtype).requires_grad_(grad)
+        return sequence_parallel_attention(x, x, x, window, shard_sizes=shard_sizes, **options)
+
+    mask = torch.zeros(4 * world, dtype=torch.bool)
+    mask[1] = True
+    cases = {
+        "window": lambda: call(window=(8, 0) if odd else (4, 0)),
+        "global_count": lambda: call(global_tokens=torch.tensor([1, 5] if odd else [1])),
+        "global_positions": lambda: call(global_tokens=torch.tensor([2] if odd else [1])),
+        "global_form": lambda: call(global_tokens=mask if odd else torch.tensor([1])),
+        "dtype": lambda: call(dtype=torch.float64 if odd else torch.float32),
+        "head_dim": lambda: call(d=8 if odd else 4),
+        "heads": lambda: call(h=2 if odd else 1),
+        "sinks": lambda: call(sinks=2 if odd else 0),
+        "dilation": lambda: call(dilation=2 if odd else 1),
+        "scale": lambda: call(scale=0.25 if odd else None),
+        "backend": lambda: call(backend="dense" if odd else "auto"),
+        "gradients": lambda: call(grad=odd),
+        "shard_sizes": lambda: call(shard_sizes=None if odd else sizes),
+        "held_tokens": lambda: call(n=5 if odd else 4),
+        "several": lambda: call(window=(8, 0) if odd else (4, 0), dtype=torch.float64 if odd else torch.float32),
+        "rejected": lambda: call(window=(-2, 0) if odd else (4, 0)),
+    }
+    found = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            found[name] = "no error"
+        except Exception as err:  # noqa: BLE001  (the tests check the type)
+            found[name] = f"{type(err).__name__}: {err}"
+    full_sizes = [3 + r for r in range(world)]
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, g = [torch.randn(1, 2, sum(full_sizes), 4, generator=gen) for _ in range(4)]
+    err, _, _ = CHECK.compare_with_one_device((q, k, v), g, (3, 1), full_sizes, reference_backend="dense",
+                                              global_tokens=torch.tensor([2]))
+    found["agreeing_after_errors"] = float(err.max())
+    return found
+
+
 def _worker(rank, world, port, out_path):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -126,9 +178,11 @@ def _worker(rank, world, port, out_path):
         for i, (name, spec) in enumerate(CASES[world].items()):
             results[name] = _run_case(world, spec, seed=1000 * world + i)
         errors = _errors_raised(rank, world)
+        disagree = [None] * world  # every rank's messages, gathered (the group must still be in step)
+        dist.all_gather_object(disagree, _disagreements_raised(rank, world))
         if rank == 0:
             with open(out_path, "w") as f:
-                json.dump({"cases": results, "errors": errors}, f)
+                json.dump({"cases": results, "errors": errors, "disagree": disagree}, f)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -140,6 +194,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DEADLINE_S = 240  # for one whole spawn; a hang inside gloo would otherwise stall the suite
+
+
+def _spawn(world: int, out_path: str) -> None:
+    ctx = mp.spawn(_worker, args=(world, _free_port(), out_path), nprocs=world, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            raise TimeoutError(f"the {world}-process spawn ran past {DEADLINE_S} s (a rank hangs)")
+
+
 _RESULTS: dict = {}
 
 
@@ -147,7 +215,7 @@ def results_for(world, tmp_path_factory):
     if world not in _RESULTS:
         out_path = tmp_path_factory.mktemp(f"dist{world}") / "results.json"
         try:
-            mp.spawn(_worker, args=(world, _free_port(), str(out_path)), nprocs=world, join=True)
+            _spawn(world, str(out_path))
             _RESULTS[world] = json.loads(out_path.read_text())
         except Exception as err:  # one failed spawn fails every case of that world, without re-spawning
             _RESULTS[world] = err
@@ -180,6 +248,68 @@ def test_matches_single_process(world, case, tmp_path_factory):
 def test_bad_input_raises(name, fragment, tmp_path_factory):
     message = results_for(2, tmp_path_factory)["errors"][name]
     assert message.startswith(("ValueError", "TypeError")) and fragment in message, message
+
+
+def _holders(world: int, mine, odd) -> str:
+    """How the message lists the values: every rank but ``world // 2`` has ``mine``."""
+    if world == 2:
+        return f"rank 0 has {mine}, rank 1 has {odd}"
+    return f"ranks 0-1, 3 have {mine}, rank 2 has {odd}"
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+@pytest.mark.parametrize(
+    "case,fields",
+    [
+        ("window", [("window left", 4, 8)]),
+        ("global_count", [("number of global tokens", 1, 2)]),
+        ("global_positions", [("global tokens (checksum of their form, shape and values)", None, None)]),
+        ("global_form", [("global tokens (checksum of their form, shape and values)", None, None)]),
+        ("dtype", [("dtype", "torch.float32", "torch.float64")]),
+        ("head_dim", [("head dim D of q and k", 4, 8), ("head dim D_v of v", 4, 8)]),
+        ("heads", [("query heads H", 1, 2), ("key/value heads H_kv", 1, 2)]),
+        ("sinks", [("sinks", 0, 2)]),
+        ("dilation", [("dilation", 1, 2)]),
+        ("scale", [("scale", 0.5, 0.25)]),
+        ("backend", [("backend", "auto", "dense")]),
+        ("gradients", [("gradients (q, k/v)", "none", "q and k/v")]),
+        ("shard_sizes", [("shard_sizes", None, "None (gathered)")]),
+        ("several", [("window left", 4, 8), ("dtype", "torch.float32", "torch.float64")]),
+    ],
+)
+def test_disagreeing_ranks_raise_the_same_error(world, case, fields, tmp_path_factory):
+    messages = [found[case] for found in results_for(world, tmp_path_factory)["disagree"]]
+    assert len(messages) == world and len(set(messages)) == 1, messages  # the same error on every rank
+    message = messages[0]
+    assert message.startswith("ValueError: sequence-parallel ranks disagree on "), message
+    for field, mine, odd in fields:
+        assert f"{field}: " in message, (field, message)
+        if mine is not None:
+            assert f"{field}: {_holders(world, mine, odd)}" in message, message
+        elif odd is not None:
+            assert f"have {odd}" in message or f"has {odd}" in message, message
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_token_counts_checked_on_every_rank(world, tmp_path_factory):
+    messages = [found["held_tokens"] for found in results_for(world, tmp_path_factory)["disagree"]]
+    assert set(messages) == {f"ValueError: rank {world // 2} holds 5 tokens but shard_sizes says 4"}, messages
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_a_rank_that_rejects_its_inputs_does_not_leave_the_others_waiting(world, tmp_path_factory):
+    messages = [found["rejected"] for found in results_for(world, tmp_path_factory)["disagree"]]
+    for rank, message in enumerate(messages):
+        if rank == world // 2:
+            assert message.startswith("ValueError") and "got -2" in message, message
+        else:
+            assert message.startswith(f"ValueError: sequence-parallel rank {world // 2} rejected its inputs"), message
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_agreeing_call_after_the_errors_still_matches(world, tmp_path_factory):
+    for found in results_for(world, tmp_path_factory)["disagree"]:
+        assert found["agreeing_after_errors"] < TOL, found
 
 
 # -- pure helpers, no process group ----------------------------------------------------------
@@ -226,6 +356,35 @@ def test_needs_process_group():
         pytest.skip("a process group is already initialised in this interpreter")
     with pytest.raises(RuntimeError, match="process group"):
         sequence_parallel_attention(x, x, x, (1, 0))
+
+
+def test_agreement_rows_without_a_process_group():
+    """The pure half of the agreement check: rows, their messages and the layout they give."""
+    x = torch.randn(1, 2, 4, 8)
+
+    def row(**kw):
+        args = dict(dilation=1, sinks=0, global_tokens=None, scale=0.5, backend="auto", shard_sizes=None)
+        return agreement_row(x, x, x, kw.pop("window", (3, 0)), **{**args, **kw})
+
+    assert len(row()) == len(rejected_row()) == AGREEMENT_SLOTS <= 32  # one small collective
+    check_agreement([row(), row()])  # agreeing rows pass
+    # the same dilation per head and as one int, positions of any integer dtype: the same row
+    assert row(dilation=[2, 2]) == row(dilation=2)
+    assert row(global_tokens=torch.tensor([1], dtype=torch.int32)) == row(global_tokens=[1])
+    assert row(global_tokens=[]) == row()
+    with pytest.raises(ValueError, match=r"on window right: rank 0 has 0, ranks 1-2 have UNBOUNDED; on backend: "
+                                         r"rank 0 has auto, ranks 1-2 have b{8}\.\.\. \(checksum"):
+        check_agreement([row()] + [row(window=(3, UNBOUNDED), backend="b" * 20)] * 2)
+    with pytest.raises(ValueError, match=r"dilation: rank 0 has 1, rank 1 has a dilation per head \(checksum"):
+        check_agreement([row(), row(dilation=[1, 2])])
+    # two long names with the same start still differ
+    with pytest.raises(ValueError, match="on backend"):
+        check_agreement([row(backend="x" * 17), row(backend="x" * 18)])
+    with pytest.raises(ValueError, match="ranks 0, 2 rejected their inputs"):
+        check_agreement([rejected_row(), row(), rejected_row()])
+    assert agreed_layout([row(), row()], None).sizes == (4, 4)
+    with pytest.raises(ValueError, match="rank 1 holds 4 tokens but shard_sizes says 5"):
+        agreed_layout([row(), row()], (4, 5))
 
 
 def test_self_check_shard_sizes():

@@ -31,9 +31,22 @@ Extensions of the window (:mod:`swa_lib.masks`):
   batch element here (a ``(N,)`` mask or positions); a per-example ``(B, N)`` mask with differing
   rows raises ``ValueError``. Any other bad input raises what the entry point raises for it.
 
+Agreement check: the plan is only right if every rank passes the same call (a rank with another
+window or head size reads halo buffers nobody filled, or aborts inside the backend). On entry
+each rank runs its own argument checks, packs what must agree into one row of 22 int64s
+(``layout.AGREEMENT_SLOTS``: window left and right, dilation, sinks, count and checksum of the
+global tokens' form, shape and values, dtype, device type, ``B``, ``H``, ``H_kv``, ``D``,
+``D_v``, scale, backend name, ``shard_sizes`` as None or a checksum, which of q and k/v need
+gradients) plus its token count, and all-gathers the rows: one collective, which also gives the
+shard sizes when ``shard_sizes`` is None. Every rank checks the same rows and raises the same
+``ValueError`` naming each differing field with every rank's value, e.g. ``sequence-parallel
+ranks disagree on window left: rank 0 has 4, rank 1 has 8``. A rank whose own checks fail
+joins the gather flagged and raises its own error; the others raise a ``ValueError`` naming it.
+Token counts against ``shard_sizes`` and global tokens against ``N`` are checked after the
+gather, alike on every rank. A mask on one rank and the same positions on another disagree.
+
 Limits: self-attention only (queries, keys and values share the sharding); every shard must
-hold at least one token; all ranks must call the function with the same window, sinks, global
-tokens and shard sizes (they are part of the communication plan), and with gradients either
+hold at least one token; all ranks must make the same calls in the same order and call backward
 on every rank or on none (the backward pass communicates). Tested with ``gloo`` on CPU (2 and 4
 processes); the code uses only operations that ``nccl`` also provides (``batch_isend_irecv``,
 ``all_gather``, ``all_reduce``) and keeps tensors on their device, but has not been run on GPUs
@@ -57,7 +70,17 @@ import torch.distributed as dist
 from ..attention import global_mask, sliding_window_attention, validate_call
 from ..backends.dense import expand_kv
 from ..masks import global_token_positions
-from .layout import ShardLayout, halo_plan, halo_tokens_sent, shard_bounds, shard_sequence
+from .layout import (
+    ShardLayout,
+    agreed_layout,
+    agreement_row,
+    check_agreement,
+    halo_plan,
+    halo_tokens_sent,
+    rejected_row,
+    shard_bounds,
+    shard_sequence,
+)
 
 __all__ = [
     "shard_bounds",
@@ -200,17 +223,46 @@ def _global_positions(global_tokens, n: int, batch: int, device) -> list[int]:
     return positions[0, : int(counts[0])].tolist()
 
 
-def _layout_from(shard_sizes, n_local: int, group, device) -> ShardLayout:
+def _collective_device(group, q) -> torch.device:
+    """Where the agreement rows travel: CPU for gloo, the current GPU for nccl (whatever device
+    a confused rank's ``q`` is on), else the device of ``q``."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+
+
+def _agree(q, k, v, window, dilation, global_tokens, sinks, scale, backend, shard_sizes, group):
+    """Check this rank's arguments, then agree with every rank in one all-gather.
+
+    Returns ``(pattern, scale, layout)``. A rank whose own checks fail still joins the
+    collective (flagged) before raising its error, so the other ranks raise instead of waiting.
+    """
     world = dist.get_world_size(group)
-    if shard_sizes is None:
-        mine = torch.tensor([n_local], dtype=torch.long, device=device)
-        every = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(every, mine, group=group)
-        return ShardLayout(tuple(int(t) for t in every))
-    layout = ShardLayout(tuple(shard_sizes))
-    if layout.world_size != world:
-        raise ValueError(f"shard_sizes has {layout.world_size} entries but the group has {world} ranks")
-    return layout
+    failure, row = None, rejected_row()
+    try:
+        # The entry point's checks of q, k, v, window, dilation, sinks and scale, on the local shard.
+        pattern, scale = validate_call(q, k, v, window, dilation=dilation, sinks=sinks, scale=scale)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError("queries and keys must be sharded alike (self-attention): "
+                             f"q has {q.shape[2]} tokens, k has {k.shape[2]}")
+        sizes = None if shard_sizes is None else ShardLayout(tuple(shard_sizes)).sizes
+        if sizes is not None and len(sizes) != world:
+            raise ValueError(f"shard_sizes has {len(sizes)} entries but the group has {world} ranks")
+        row = agreement_row(q, k, v, pattern.window, dilation=dilation, sinks=pattern.sinks,
+                            global_tokens=global_tokens, scale=scale, backend=backend, shard_sizes=sizes)
+    except Exception as err:  # noqa: BLE001  (re-raised below, after the collective)
+        failure = err
+    mine = torch.tensor(row, dtype=torch.int64, device=_collective_device(group, q))
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    if failure is not None:
+        raise failure
+    rows = torch.stack(every).tolist()
+    check_agreement(rows)
+    return pattern, scale, agreed_layout(rows, sizes)
 
 
 def sequence_parallel_attention(
@@ -238,7 +290,7 @@ def sequence_parallel_attention(
         window: inclusive ``(left, right)`` as in :mod:`swa_lib.masks`; any width (a halo may
             span several ranks; ``UNBOUNDED`` degenerates to all-gathering K/V).
         group: the process group (default: the world).
-        shard_sizes: tokens per rank; if None they are all-gathered (one small collective).
+        shard_sizes: tokens per rank; if None they come with the agreement all-gather.
         dilation, sinks, scale, backend: as in :func:`swa_lib.sliding_window_attention`;
             ``backend`` picks the local backend.
         global_tokens: over the *full* sequence, in any form
@@ -249,24 +301,22 @@ def sequence_parallel_attention(
     Returns:
         The local output shard ``(B, H, n_r, D_v)``.
 
-    Communication per rank and call: the halo, ``left + right`` tokens of K and V at most
-    (independent of N), plus the sink and global K/V/Q (all-gathered) and, with global tokens,
-    one all-gather of ``G x (D_v + 1)`` partial results per head.
+    Raises:
+        ValueError: on every rank, if the ranks disagree on anything in the agreement check
+            (see the module docstring) or another rank rejected its arguments.
+
+    Communication per rank and call: one all-gather of 22 int64s (the agreement check), the
+    halo, ``left + right`` tokens of K and V at most (independent of N), plus the sink and
+    global K/V/Q (all-gathered) and, with global tokens, one all-gather of ``G x (D_v + 1)``
+    partial results per head.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sequence_parallel_attention needs an initialised torch.distributed process group")
-    # The entry point's checks of q, k, v, window, dilation, sinks and scale, on the local shard.
-    pattern, scale = validate_call(q, k, v, window, dilation=dilation, sinks=sinks, scale=scale)
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(
-            f"queries and keys must be sharded alike (self-attention): q has {q.shape[2]} tokens, k has {k.shape[2]}"
-        )
+    pattern, scale, layout = _agree(q, k, v, window, dilation, global_tokens, sinks, scale, backend,
+                                    shard_sizes, group)
     left, right = pattern.window
     rank = dist.get_rank(group)
-    layout = _layout_from(shard_sizes, q.shape[2], group, q.device)
     s, e = layout.bounds(rank)
-    if e - s != q.shape[2]:
-        raise ValueError(f"rank {rank} holds {q.shape[2]} tokens but shard_sizes says {e - s}")
     n = layout.n
     batch, heads, d_k = q.shape[0], q.shape[1], k.shape[3]
     gpos = _global_positions(global_tokens, n, batch, q.device)

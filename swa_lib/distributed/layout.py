@@ -3,18 +3,28 @@
 Everything here is a pure function of the shard sizes and the window, so every rank computes
 the whole plan by itself and no sizes travel over the network; nothing here needs a process
 group. :mod:`swa_lib.distributed` carries the plan out with ``torch.distributed``.
+
+The plan is only right if every rank passes the same call, so this module also packs what must
+agree into one short int64 row per rank (:func:`agreement_row`) and checks the rows that
+:mod:`swa_lib.distributed` all-gathers (:func:`check_agreement`, :func:`agreed_layout`): every
+rank runs the same checks on the same rows and raises the same error.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..masks import check_int, check_window
+from ..masks import UNBOUNDED, check_int, check_window
 
-__all__ = ["shard_bounds", "ShardLayout", "halo_tokens_sent", "halo_plan", "shard_sequence"]
+__all__ = [
+    "shard_bounds", "ShardLayout", "halo_tokens_sent", "halo_plan", "shard_sequence",
+    "AGREEMENT_SLOTS", "agreement_row", "rejected_row", "check_agreement", "agreed_layout",
+]
 
 
 def shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
@@ -115,3 +125,173 @@ def shard_sequence(x: torch.Tensor, rank: int, sizes: Sequence[int], dim: int = 
         raise ValueError(f"x has {x.shape[dim]} positions along dim {dim} but shard sizes sum to {layout.n}")
     s, e = layout.bounds(rank)
     return x.narrow(dim, s, e - s)
+
+
+# ---------------------------------------------------------------------------------------
+# The agreement check: what every rank must pass alike, packed into a few int64s.
+# ---------------------------------------------------------------------------------------
+# One row per rank; swa_lib.distributed all-gathers the rows (one collective) and every rank
+# runs the same pure checks below on the same rows, so every rank raises the same error.
+# Slot 0 flags a rank that rejected its own inputs, slot 1 is its token count (ranks differ
+# there: it gives the shard sizes); every other field must be equal on every rank.
+
+
+def _digest(text: str, size: int = 7) -> int:
+    """A checksum that is the same in every process (``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=size).digest(), "little")
+
+
+def _pack_text(text: str) -> list[int]:
+    raw = text.encode()
+    if len(raw) > 16:  # a long name: its start and a checksum of the whole
+        raw = raw[:8] + b"\xff" + _digest(text).to_bytes(7, "little")
+    raw = raw.ljust(16, b"\0")
+    return [int.from_bytes(raw[:8], "little", signed=True), int.from_bytes(raw[8:], "little", signed=True)]
+
+
+def _show_text(slots) -> str:
+    raw = b"".join(int(s).to_bytes(8, "little", signed=True) for s in slots)
+    if raw[8] == 0xFF:
+        return raw[:8].decode(errors="replace") + f"... (checksum {int.from_bytes(raw[9:], 'little'):#x})"
+    return raw.rstrip(b"\0").decode(errors="replace")
+
+
+def _show_size(slots) -> str:
+    return "UNBOUNDED" if slots[0] == UNBOUNDED else str(slots[0])
+
+
+def _show_dilation(slots) -> str:
+    return str(slots[0]) if slots[0] > 0 else f"a dilation per head (checksum {-slots[0]:#x})"
+
+
+def _show_checksum(slots) -> str:
+    return "none" if slots[0] == 0 else f"{slots[0]:#x}"
+
+
+def _show_scale(slots) -> str:
+    return repr(struct.unpack("<d", struct.pack("<q", slots[0]))[0])
+
+
+def _show_sizes(slots) -> str:
+    return "None (gathered)" if slots[0] == 0 else f"a list (checksum {slots[0]:#x})"
+
+
+def _show_grads(slots) -> str:
+    return ("none", "q only", "k/v only", "q and k/v")[slots[0]]
+
+
+# (name, slots, how to show a value); the order is the order of the row.
+_FIELDS = (
+    ("rejected", 1, str),
+    ("tokens", 1, str),
+    ("window left", 1, _show_size),
+    ("window right", 1, _show_size),
+    ("dilation", 1, _show_dilation),
+    ("sinks", 1, _show_size),
+    ("number of global tokens", 1, lambda s: str(s[0])),
+    ("global tokens (checksum of their form, shape and values)", 1, _show_checksum),
+    ("dtype", 2, lambda s: "torch." + _show_text(s)),
+    ("device type", 2, _show_text),
+    ("batch size B", 1, lambda s: str(s[0])),
+    ("query heads H", 1, lambda s: str(s[0])),
+    ("key/value heads H_kv", 1, lambda s: str(s[0])),
+    ("head dim D of q and k", 1, lambda s: str(s[0])),
+    ("head dim D_v of v", 1, lambda s: str(s[0])),
+    ("scale", 1, _show_scale),
+    ("backend", 2, _show_text),
+    ("shard_sizes", 1, _show_sizes),
+    ("gradients (q, k/v)", 1, _show_grads),
+)
+AGREEMENT_SLOTS = sum(width for _, width, _ in _FIELDS)
+
+
+def _global_signature(global_tokens) -> tuple[int, int]:
+    """``(count, checksum)`` of the ``global_tokens`` argument, without the sequence length.
+
+    The checksum covers the form (mask, integers, other), the shape and the values, so ranks
+    with equal signatures get the same verdict from the checks that follow (which need N)."""
+    if global_tokens is None or (isinstance(global_tokens, (list, tuple)) and len(global_tokens) == 0):
+        return 0, 0
+    g = global_tokens.detach() if isinstance(global_tokens, torch.Tensor) else torch.as_tensor(global_tokens)
+    if g.dtype == torch.bool:
+        form, values = "mask", g.reshape(-1).nonzero().reshape(-1).tolist()
+    else:
+        form = "other" if g.dtype.is_floating_point or g.dtype.is_complex else "integers"
+        values = g.reshape(-1).tolist()
+    return len(values), 1 + _digest(f"{form}|{tuple(g.shape)}|{values}")
+
+
+def _dilation_code(dilation) -> int:
+    if isinstance(dilation, int):
+        return min(dilation, UNBOUNDED)
+    per_head = tuple(min(d, UNBOUNDED) for d in dilation)
+    return per_head[0] if len(set(per_head)) == 1 else -1 - _digest(str(per_head))
+
+
+def agreement_row(q, k, v, window, *, dilation, sinks, global_tokens, scale, backend, shard_sizes) -> list[int]:
+    """This rank's row of the agreement check, from validated arguments.
+
+    ``window`` and ``sinks`` as the pattern holds them (capped at ``UNBOUNDED``), ``dilation``
+    an int or one int per head, ``scale`` the float in use, ``shard_sizes`` None or a tuple."""
+    count, checksum = _global_signature(global_tokens)
+    grads = torch.is_grad_enabled() and (q.requires_grad + 2 * (k.requires_grad or v.requires_grad))
+    row = [0, q.shape[2], window[0], window[1], _dilation_code(dilation), sinks, count, checksum]
+    row += _pack_text(str(q.dtype).removeprefix("torch.")) + _pack_text(q.device.type)
+    row += [q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3]]
+    row += [struct.unpack("<q", struct.pack("<d", float(scale)))[0]] + _pack_text(str(backend))
+    row += [0 if shard_sizes is None else 1 + _digest(str(tuple(shard_sizes))), int(grads)]
+    assert len(row) == AGREEMENT_SLOTS
+    return row
+
+
+def rejected_row() -> list[int]:
+    """The row of a rank whose own checks failed: it still joins the collective, then raises."""
+    return [1] + [0] * (AGREEMENT_SLOTS - 1)
+
+
+def _ranks(ranks: list[int]) -> str:
+    runs, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            runs.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(runs)
+
+
+def check_agreement(rows) -> None:
+    """Raise the same ValueError from every rank's copy of the gathered rows if they disagree."""
+    rejected = [r for r, row in enumerate(rows) if row[0]]
+    if rejected:
+        raise ValueError(f"sequence-parallel {_ranks(rejected)} rejected {'its' if len(rejected) == 1 else 'their'} "
+                         "inputs (the error is raised there); every rank raises so that none waits")
+    problems, at = [], 0
+    for name, width, show in _FIELDS:
+        values = [tuple(row[at : at + width]) for row in rows]
+        at += width
+        if name in ("rejected", "tokens") or len(set(values)) == 1:
+            continue
+        holders: dict = {}
+        for r, value in enumerate(values):
+            holders.setdefault(value, []).append(r)
+        parts = [f"{_ranks(rs)} {'has' if len(rs) == 1 else 'have'} {show(list(value))}"
+                 for value, rs in holders.items()]
+        problems.append(f"{name}: " + ", ".join(parts))
+    if problems:
+        raise ValueError(
+            "sequence-parallel ranks disagree on " + "; on ".join(problems) + " (every rank must pass the same window, "
+            "dilation, sinks, global tokens, dtype, device type, B, H, H_kv, D, D_v, scale, backend and shard_sizes, "
+            "with gradients on every rank or on none)"
+        )
+
+
+def agreed_layout(rows, shard_sizes) -> ShardLayout:
+    """The shard layout from the gathered rows: their token counts, checked against ``shard_sizes`` if given."""
+    held = tuple(row[1] for row in rows)
+    if shard_sizes is None:
+        return ShardLayout(held)
+    layout = ShardLayout(tuple(shard_sizes))
+    wrong = [f"rank {r} holds {h} tokens but shard_sizes says {s}"
+             for r, (h, s) in enumerate(zip(held, layout.sizes)) if h != s]
+    if wrong:
+        raise ValueError("; ".join(wrong))
+    return layout

@@ -85,3 +85,13 @@ def test_masked_attention_is_drawn_apart_from_zero_weight():
     plt.close(fig)
     expected_hidden = ~swa_lib.window_mask(10, (3, 0)).numpy()
     assert np.array_equal(np.ma.getmaskarray(shown), expected_hidden)
+
+
+def test_mask_ticks_are_whole_positions_and_four_masks_make_two_rows():
+    fig = plotting.plot_masks(_masks())
+    fig.canvas.draw()
+    ticks = [t for ax in fig.axes if ax.get_visible() for t in ax.get_xticks() if 0 <= t <= 11]
+    shape = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    plt.close(fig)
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert shape == (2, 2)

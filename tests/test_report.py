@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from swa_lib.lab.report import above, below, max_error
+from swa_lib.lab.report import Source, above, below, max_error, show_source
 
 
 def test_max_error():
@@ -30,3 +30,15 @@ def test_below_and_above_print_the_bound_and_check_it():
         above(torch.tensor([0.5, 0.05]), 0.1)
     with pytest.raises(ValueError, match="bound must be a positive number, got -1"):
         below(0.0, -1)
+
+
+def test_show_source_is_a_python_block_and_plain_text():
+    class Holder:
+        def method(self):
+            return "```"  # a fence inside the code
+
+    shown = show_source(Holder.method)
+    assert repr(shown).startswith("def method(self):")  # dedented
+    md = shown._repr_markdown_()
+    assert md.startswith("````python\ndef method(self):") and md.rstrip().endswith("````")
+    assert Source("x = 1")._repr_markdown_() == "```python\nx = 1\n```\n"

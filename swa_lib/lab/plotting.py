@@ -91,6 +91,9 @@ def plot_mask(
     if labels is not None:
         ax.set_xticks(range(n_k), labels[-n_k:], rotation=90 if max(len(s) for s in labels) > 2 else 0)
         ax.set_yticks(range(n_q), labels[-n_q:])
+    else:  # positions are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("key position j")
     ax.set_ylabel("query position i")
     if title:
@@ -102,8 +105,8 @@ def plot_masks(masks: dict, *, labels: Optional[Sequence[str]] = None, width: fl
                ncols: int = 3):
     """Several masks, titled by the dict keys, ``ncols`` to a row (default 3, so each panel
     stays large enough for its labels in the column)."""
-    ncols = max(1, min(ncols, len(masks)))
-    nrows = -(-len(masks) // ncols)
+    nrows = -(-len(masks) // max(1, ncols))
+    ncols = -(-len(masks) // nrows)  # balanced rows: 4 masks as 2 x 2, not 3 + 1
     fig, axes = new_figure(ncols=ncols, nrows=nrows, width=width, height=width)
     axes = np.atleast_1d(axes).ravel()
     for ax in axes[len(masks):]:

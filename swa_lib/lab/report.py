@@ -5,15 +5,19 @@ count) agree only to rounding, so a chapter that prints ``max error = 4.8e-07`` 
 elsewhere. The chapters print the claim instead: :func:`below` returns ``"< 1e-05"`` when the error
 is below the bound and raises when it is not (:func:`above` is its mirror), so the check is made
 on every run and the printed text does not depend on the last bits.
+
+:func:`show_source` shows a function's source in a chapter as a highlighted code block.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import textwrap
 
 import torch
 
-__all__ = ["above", "below", "max_error"]
+__all__ = ["above", "below", "max_error", "show_source", "Source"]
 
 
 def max_error(a, b) -> float:
@@ -54,3 +58,28 @@ def _checked(x, bound, *, largest: bool) -> float:
     if torch.is_tensor(x):
         x = x.detach().max() if largest else x.detach().min()
     return float(x)
+
+
+class Source:
+    """Source code for display: a highlighted Python block in a notebook or on the book's
+    pages (Markdown output with a fenced block), the plain text everywhere else."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_markdown_(self) -> str:
+        fence = "```"
+        while fence in self.text:
+            fence += "`"
+        return f"{fence}python\n{self.text}\n{fence}\n"
+
+
+def show_source(obj) -> Source:
+    """The source of a function, class or method, dedented, for a chapter to display.
+
+    Triton kernels are shown through their Python function (``kernel.fn``).
+    """
+    return Source(textwrap.dedent(inspect.getsource(obj)).rstrip("\n"))

@@ -9,9 +9,11 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .backends import choose_backend
+from .backends.common import empty_output
 from .masks import UNBOUNDED, AttentionPattern, check_window
 
-__all__ = ["sliding_window_attention", "make_pattern", "validate_call", "check_tensor", "check_qkv", "global_mask"]
+__all__ = ["sliding_window_attention", "make_pattern", "validate_call", "check_tensor", "check_qkv", "check_scale",
+           "check_pattern", "global_mask"]
 
 
 def check_tensor(name: str, x) -> torch.Tensor:
@@ -46,6 +48,36 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hk})")
     if nq > nk:
         raise ValueError(f"more queries than keys is not supported: q has N={nq}, k has N={nk}")
+
+
+def check_scale(scale) -> float:
+    """``scale`` as a float if it is a positive finite real number, else a ValueError naming it."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def check_pattern(pattern, q: torch.Tensor, k: torch.Tensor) -> AttentionPattern:
+    """``pattern`` checked against checked ``q, k`` (a dilation per query head, global tokens of
+    shape ``(B, N_k)``), with sizes beyond the sequence cut down as :func:`make_pattern` cuts them.
+
+    The exported backend functions (``fn(q, k, v, pattern, scale)``) take a pattern directly;
+    this gives them the entry point's rules. TypeError/ValueError naming ``pattern`` otherwise.
+    """
+    if not isinstance(pattern, AttentionPattern):
+        raise TypeError(f"pattern must be a swa_lib.AttentionPattern (see swa_lib.make_pattern), "
+                        f"got {type(pattern).__name__}")
+    heads, batch, n_k = q.shape[1], q.shape[0], k.shape[2]
+    if not isinstance(pattern.dilation, int) and len(pattern.dilation) != heads:
+        raise ValueError(f"pattern.dilation has {len(pattern.dilation)} entries (one per query head) "
+                         f"but q has {heads} heads")
+    g = pattern.global_tokens
+    if g is not None and tuple(g.shape) != (batch, n_k):
+        raise ValueError(f"pattern.global_tokens must have shape (B, N_k) = ({batch}, {n_k}), got {tuple(g.shape)}")
+    left, right, dilation, sinks = _within_sequence(pattern.left, pattern.right, pattern.dilation, pattern.sinks, n_k)
+    if (left, right, dilation, sinks) == (pattern.left, pattern.right, pattern.dilation, pattern.sinks):
+        return pattern
+    return AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)
 
 
 def global_mask(global_tokens, batch: int, n: int, device) -> Optional[torch.Tensor]:
@@ -108,7 +140,7 @@ def make_pattern(
         if n is None:
             raise ValueError("global tokens need the sequence length n")
         g = global_mask(global_tokens, batch, n, device)
-        if g is not None and not bool(g.any()):
+        if g is not None and g.device.type != "meta" and not bool(g.any()):  # (meta tensors hold no values)
             g = None  # an empty set of global tokens is no global tokens
     if n is not None:
         left, right, dilation, sinks = _within_sequence(left, right, dilation, sinks, n)
@@ -139,10 +171,7 @@ def validate_call(q, k, v, window, *, dilation=1, global_tokens=None, sinks=0, s
     goes through here, so they all reject bad input with the same messages.
     """
     check_qkv(q, k, v)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale)
     pattern = make_pattern(
         window,
         dilation=dilation,
@@ -198,16 +227,5 @@ def sliding_window_attention(
     pattern, scale = validate_call(q, k, v, window, dilation=dilation, global_tokens=global_tokens,
                                    sinks=sinks, scale=scale)
     chosen = choose_backend(backend, q, k, pattern, v)
-    batch, heads, n_q, d_v = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
-    if 0 in (batch, heads, n_q, d_v):  # nothing to compute: an empty result, as PyTorch's SDPA gives
-        return _empty_result(q, k, v)
-    return chosen.fn(q, k, v, pattern, scale)
-
-
-def _empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``(B, H, N_q, D_v)`` with at least one zero extent, still connected to q, k, v for autograd
-    (their gradients come out as zeros of their own shapes)."""
-    out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        out = out + 0 * (q.sum() + k.sum() + v.sum())
-    return out
+    empty = empty_output(q, k, v)  # B, H, N_q or D_v of 0: an empty result, as PyTorch's SDPA gives
+    return chosen.fn(q, k, v, pattern, scale) if empty is None else empty

@@ -201,9 +201,15 @@ class LongformerSelfAttention(nn.Module):
             raise ValueError(f"hidden_states has width {e}, the layer expects {self.config.hidden_size}")
         glob = global_mask(global_tokens, b, n, hidden_states.device)  # (B, N) or None: the entry point's rule
         if padding is not None:
-            if not isinstance(padding, torch.Tensor) or padding.dtype != torch.bool or padding.shape != (b, n):
-                got = getattr(padding, "shape", padding)
-                raise ValueError(f"padding must be a bool tensor of shape ({b}, {n}), got {got!r}")
+            if not isinstance(padding, torch.Tensor):
+                raise TypeError(f"padding must be a bool tensor of shape ({b}, {n}), got {type(padding).__name__}")
+            if padding.dtype != torch.bool:
+                raise TypeError(
+                    f"padding must be a bool tensor of shape ({b}, {n}) (True for padding), got dtype {padding.dtype} "
+                    f"and shape {tuple(padding.shape)}; for transformers' 0/1 attention_mask (1 = real token) pass "
+                    "padding=attention_mask == 0, for its layer mask use split_hf_attention_mask")
+            if padding.shape != (b, n):
+                raise ValueError(f"padding must be a bool tensor of shape ({b}, {n}), got shape {tuple(padding.shape)}")
             padding = padding.to(hidden_states.device) if bool(padding.any()) else None
         if glob is not None and padding is not None:
             glob = glob & ~padding  # a padding token is never global (transformers' merge rule)

@@ -193,3 +193,19 @@ def test_numpy_scales_and_string_dilations():
         swa_lib.sliding_window_attention(q, q, q, (2, 0), scale=np.float32("nan"))
     with pytest.raises(TypeError, match="dilation must be an int or a sequence of ints .* got '2'"):
         swa_lib.sliding_window_attention(q, q, q, (2, 0), dilation="2")
+
+
+def test_meta_tensors_get_the_reason_no_backend_runs_them():
+    q = torch.randn(1, 2, 5, 4, device="meta")
+    with pytest.raises(ValueError, match="device 'meta' is not supported by any backend; backend '\w+' does not run"):
+        swa_lib.sliding_window_attention(q, q, q, (2, 0))
+
+
+def test_longformer_config_and_padding_messages():
+    from swa_lib.longformer import LongformerAttentionConfig, LongformerSelfAttention
+
+    with pytest.raises(ValueError, match="dilation must be >= 1, got 0"):
+        LongformerAttentionConfig(hidden_size=8, num_heads=2, attention_window=4, dilation=0)
+    layer = LongformerSelfAttention(LongformerAttentionConfig(hidden_size=8, num_heads=2, attention_window=4))
+    with pytest.raises(TypeError, match="got dtype torch.int64"):
+        layer(torch.randn(1, 6, 8), padding=torch.zeros(1, 6, dtype=torch.long))

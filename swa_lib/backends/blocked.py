@@ -46,8 +46,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import compute_dtype, refuse_double_backward
-from ..masks import AttentionPattern
+from .common import check_backend_args, check_band_args, compute_dtype, empty_output, refuse_double_backward
+from ..masks import AttentionPattern, check_int
 
 __all__ = ["blocked_attention", "band_attention", "DEFAULT_BLOCK_SIZE"]
 
@@ -340,11 +340,23 @@ def band_attention(
         inputs), ``lse_i = log sum_j exp(scale * q_i . k_j)`` over the visible keys. Both are
         differentiable; the log-sum-exp lets callers merge further keys exactly
         (:mod:`swa_lib.backends.extensions`).
+
+    Raises:
+        TypeError / ValueError naming the argument, as :func:`swa_lib.sliding_window_attention`
+        does (negative ``left``/``right``, ``N_q > N_k``, a bad ``scale`` or ``block_size``, ...).
     """
-    if q.shape[2] == 0:
-        shape = (*q.shape[:3], v.shape[3])
-        lse = q.new_zeros(q.shape[:3], dtype=compute_dtype(q.dtype))
-        return q.new_zeros(shape), (lse if with_lse else None)
+    scale = check_band_args(q, k, v, left, right, scale)
+    if block_size is not None:
+        check_int("block_size", block_size, 1)
+    if not isinstance(with_lse, bool):
+        raise TypeError(f"with_lse must be a bool, got {type(with_lse).__name__} {with_lse!r}")
+    return _band(q, k, v, left, right, scale, block_size=block_size, with_lse=with_lse)
+
+
+def _band(q, k, v, left: int, right: int, scale: float, *, block_size=None, with_lse=True):
+    """:func:`band_attention` on checked arguments (the band function of :func:`blocked_attention`)."""
+    if 0 in q.shape[:3]:  # B, H or N_q of 0: no rows (with D_v of 0 the rows' lse is still computed)
+        return empty_output(q, k, v), (q.new_zeros(q.shape[:3], dtype=compute_dtype(q.dtype)) if with_lse else None)
     out, lse = _BandFunction.apply(q, k, v, int(left), int(right), float(scale), block_size, bool(with_lse))
     return out, (lse if with_lse else None)
 
@@ -353,13 +365,17 @@ def blocked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern, scale: float
 ) -> torch.Tensor:
     """The ``"blocked"`` backend: ``fn(q, k, v, pattern, scale) -> out``, shapes as in
-    :func:`swa_lib.sliding_window_attention`.
+    :func:`swa_lib.sliding_window_attention`, arguments checked as it checks them.
 
     Time O(B * H * N_q * (Bq + left + right) * D), memory O(N * D) plus one slab of scores.
     Patterns with dilation, global tokens or sinks go through :mod:`swa_lib.backends.extensions`.
     """
+    pattern, scale = check_backend_args(q, k, v, pattern, scale)
+    empty = empty_output(q, k, v)
+    if empty is not None:
+        return empty
     if not pattern.is_plain:
         from .extensions import extended_attention
 
-        return extended_attention(band_attention, q, k, v, pattern, scale)
-    return band_attention(q, k, v, pattern.left, pattern.right, scale, with_lse=False)[0]
+        return extended_attention(_band, q, k, v, pattern, scale)
+    return _band(q, k, v, pattern.left, pattern.right, scale, with_lse=False)[0]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import compute_dtype
+from .common import check_backend_args, check_band_args, compute_dtype, empty_output
 from .dense import expand_kv
 from ..masks import AttentionPattern
 
@@ -163,12 +163,19 @@ def chunked_band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain band attention by sliding chunks; returns ``(out, lse)`` like
-    :func:`swa_lib.backends.blocked.band_attention` (same shapes and conventions: half-precision inputs
-    are computed in float32, ``out`` comes back in q's dtype and ``lse`` in float32)."""
+    :func:`swa_lib.backends.blocked.band_attention` (same shapes, conventions and argument checks:
+    half-precision inputs are computed in float32, ``out`` comes back in q's dtype and ``lse`` in
+    float32; bad arguments raise TypeError/ValueError naming them)."""
+    scale = check_band_args(q, k, v, left, right, scale)
+    return _chunked_band(q, k, v, left, right, scale)
+
+
+def _chunked_band(q, k, v, left: int, right: int, scale: float):
+    """:func:`chunked_band_attention` on checked arguments (the band function of the backend)."""
     batch, heads, n_q, _ = q.shape
     n_k, d_v = k.shape[2], v.shape[3]
-    if n_q == 0:
-        return q.new_zeros(batch, heads, 0, d_v), q.new_zeros(batch, heads, 0)
+    if 0 in (batch, heads, n_q):  # no rows (with D_v of 0 the rows' lse is still computed)
+        return empty_output(q, k, v), q.new_zeros(batch, heads, n_q, dtype=compute_dtype(q.dtype))
     offset = n_k - n_q
     left, right = min(left, n_k - 1), min(right, n_k - 1)
     w = max(left, right, 1)
@@ -197,10 +204,15 @@ def chunked_attention(
 
     Time O(B * H * N * w * D) with ``w = max(left, right)`` (about twice the band's useful
     work), memory O(B * H * N * w). Patterns with dilation, global tokens or sinks go through
-    :mod:`swa_lib.backends.extensions`.
+    :mod:`swa_lib.backends.extensions`. Arguments are checked as
+    :func:`swa_lib.sliding_window_attention` checks them.
     """
+    pattern, scale = check_backend_args(q, k, v, pattern, scale)
+    empty = empty_output(q, k, v)
+    if empty is not None:
+        return empty
     if not pattern.is_plain:
         from .extensions import extended_attention
 
-        return extended_attention(chunked_band_attention, q, k, v, pattern, scale)
-    return chunked_band_attention(q, k, v, pattern.left, pattern.right, scale)[0]
+        return extended_attention(_chunked_band, q, k, v, pattern, scale)
+    return _chunked_band(q, k, v, pattern.left, pattern.right, scale)[0]

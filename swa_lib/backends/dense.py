@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import compute_dtype
+from .common import check_backend_args, compute_dtype, empty_output
 from ..masks import AttentionPattern
 
 __all__ = ["dense_attention", "sdpa_attention", "masked_softmax", "expand_kv"]
@@ -53,7 +53,12 @@ def dense_attention(
     Shapes as in :func:`swa_lib.sliding_window_attention`. Builds the full
     ``(B, H, N_q, N_k)`` score matrix: O(N^2) time and memory. Half-precision inputs are computed
     in float32 (large scores would overflow float16) and the output is rounded back once.
+    Arguments are checked as :func:`swa_lib.sliding_window_attention` checks them.
     """
+    pattern, scale = check_backend_args(q, k, v, pattern, scale)
+    empty = empty_output(q, k, v)
+    if empty is not None:
+        return empty
     heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
     acc = compute_dtype(q.dtype)
     k, v = expand_kv(k, heads).to(acc), expand_kv(v, heads).to(acc)  # (B, H, N_k, D)
@@ -72,9 +77,14 @@ def sdpa_attention(
     math or memory-efficient kernels, not FlashAttention. Two windows need no mask and skip
     it: one that lets every query see every key (full attention, e.g. a decoding step whose
     window covers the whole cache) and a window ``(>= N - 1, 0)`` over ``N`` queries and keys,
-    which is ``is_causal=True``. Every query sees at least itself, so SDPA's NaN for fully
-    masked rows never arises here.
+    which is ``is_causal=True``. Every query sees at least itself, so no row is fully masked
+    (for one, SDPA's math path gives zeros, as :func:`masked_softmax` does).
+    Arguments are checked as :func:`swa_lib.sliding_window_attention` checks them.
     """
+    pattern, scale = check_backend_args(q, k, v, pattern, scale)
+    empty = empty_output(q, k, v)
+    if empty is not None:
+        return empty
     heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
     k, v = expand_kv(k, heads), expand_kv(v, heads)
     if pattern.is_plain and pattern.left >= n_k - 1:

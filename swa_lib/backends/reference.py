@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import compute_dtype
+from .common import check_backend_args, compute_dtype
 from ..masks import AttentionPattern
 
 __all__ = ["loop_attention"]
@@ -38,8 +38,11 @@ def loop_attention(
         scale: multiplies the dot products (usually ``D ** -0.5``).
 
     Returns:
-        ``(B, H, N_q, D_v)``. A query that sees no key gets zeros.
+        ``(B, H, N_q, D_v)``. Arguments are checked as :func:`swa_lib.sliding_window_attention`
+        checks them, so every query sees at least itself (a query that saw no key would get
+        zeros, the convention of every backend and of PyTorch's SDPA).
     """
+    pattern, scale = check_backend_args(q, k, v, pattern, scale)
     out_dtype = q.dtype
     batch, heads, n_q, _ = q.shape
     heads_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]

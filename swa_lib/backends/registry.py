@@ -150,15 +150,18 @@ def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: Attenti
             key=lambda b: (wide and b.wide_windows, b.priority),
             reverse=True,
         )
+        reasons = []
         for backend in candidates:
-            if q.device.type not in backend.auto_devices or backend.unsupported(q, k, pattern, v) is not None:
-                continue
-            if needs_grad and not backend.autograd:
-                continue
-            if backend.max_auto_len is not None and k.shape[2] > backend.max_auto_len:
-                continue
-            return backend
-        raise ValueError("no registered backend can run this call")  # loop/dense cover everything
+            reason = _not_for_auto(backend, q, k, pattern, v, needs_grad)
+            if reason is None:
+                return backend
+            reasons.append(reason)
+        device = q.device.type
+        if not any(device in b.runs_on() for b in BACKENDS.values()):
+            summary = f"device {device!r} is not supported by any backend"
+        else:
+            summary = "every backend that 'auto' may choose refuses it"
+        raise ValueError(f"no registered backend can run this call: {summary}; " + "; ".join(reasons))
     backend = get_backend(name)
     reason = backend.unsupported(q, k, pattern, v)
     if reason is not None:
@@ -166,3 +169,18 @@ def choose_backend(name: str, q: torch.Tensor, k: torch.Tensor, pattern: Attenti
     if needs_grad and not backend.autograd:
         raise ValueError(f"backend {name!r} does not support autograd; call it under torch.no_grad()")
     return backend
+
+
+def _not_for_auto(backend: Backend, q, k, pattern, v, needs_grad: bool) -> Optional[str]:
+    """Why ``"auto"`` passes this backend over for the call, or None if it may choose it."""
+    reason = backend.unsupported(q, k, pattern, v)
+    if reason is not None:
+        return reason
+    device = q.device.type
+    if device not in backend.auto_devices:
+        return f"'auto' does not choose backend {backend.name!r} on device {device!r} (pass backend={backend.name!r})"
+    if needs_grad and not backend.autograd:
+        return f"backend {backend.name!r} does not support autograd"
+    if backend.max_auto_len is not None and k.shape[2] > backend.max_auto_len:
+        return f"'auto' uses backend {backend.name!r} only up to {backend.max_auto_len} keys (got N_k={k.shape[2]})"
+    return None

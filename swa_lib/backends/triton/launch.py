@@ -156,7 +156,9 @@ class Prepared:
         self.group = heads // heads_kv
         self.left, self.right, self.sinks = min(pattern.left, n), min(pattern.right, n), min(pattern.sinks, n)
         dev = q.device
-        self.dil = torch.tensor(pattern.dilation_per_head(heads), dtype=torch.int32, device=dev)
+        # a dilation of at least n lets a query see only itself in the window, as n does: cut to n, so
+        # that 2**40 fits the kernels' int32 like every other size here
+        self.dil = torch.tensor([min(d, n) for d in pattern.dilation_per_head(heads)], dtype=torch.int32, device=dev)
         self.has_dilation = pattern.max_dilation > 1
         g = pattern.global_tokens
         if g is not None and g.shape != (batch, n):

@@ -91,9 +91,9 @@ def plot_mask(
     if labels is not None:
         ax.set_xticks(range(n_k), labels[-n_k:], rotation=90 if max(len(s) for s in labels) > 2 else 0)
         ax.set_yticks(range(n_q), labels[-n_q:])
-    else:  # positions are whole numbers
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    else:  # positions are whole numbers, few enough that their labels never touch
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
     ax.set_xlabel("key position j")
     ax.set_ylabel("query position i")
     if title:

@@ -84,7 +84,11 @@ def cases(draw, triton: bool = False) -> Case:
         mask[positions] = True
         kwargs["global_tokens"] = mask if form == "mask" else mask[None].expand(b, -1).clone()
     kwargs["scale"] = draw(st.one_of(st.none(), st.floats(0.1, 2.0)))
-    large = dtype != torch.float64 and draw(st.booleans())
+    # Large inputs only in half precision, where they overflow a naive float16 product. In float32
+    # nothing overflows, and a score of 9e4 carries a rounding error of 5e-3 that every float32
+    # computation (the log-sum-exp merge of sinks and global tokens included) passes on: the test
+    # would measure that conditioning, not the backends.
+    large = dtype in HALF and draw(st.booleans())
     layouts = tuple(draw(st.sampled_from(LAYOUTS)) for _ in range(3))
     return Case(b, h_kv, group, n_q, n_k, d, d_v, dtype, large, layouts, draw(st.integers(0, 2**16)), kwargs)
 
@@ -201,7 +205,7 @@ def check_case(case: Case, backends, device="cpu") -> int:
     return ran
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(case=cases())
 def test_every_cpu_backend_matches_the_float64_oracle(case):
     assert check_case(case, cpu_backends()) >= 1  # the loop backend runs everything
@@ -220,7 +224,8 @@ def _triton_interpreter():
 
 
 @pytest.mark.interpreter
-@settings(max_examples=5, deadline=None)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # the interpreter's masked lanes
+@settings(max_examples=8, deadline=None)
 @given(case=cases(triton=True))
 def test_triton_in_the_interpreter_matches_the_float64_oracle(case):
     _triton_interpreter()

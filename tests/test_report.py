@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from swa_lib.lab.report import Source, above, below, max_error, show_source
+from swa_lib.lab.report import Source, above, below, max_error, show_source, table
 
 
 def test_max_error():
@@ -42,3 +42,23 @@ def test_show_source_is_a_python_block_and_plain_text():
     md = shown._repr_markdown_()
     assert md.startswith("````python\ndef method(self):") and md.rstrip().endswith("````")
     assert Source("x = 1")._repr_markdown_() == "```python\nx = 1\n```\n"
+
+
+def test_table_is_markdown_on_the_page_and_aligned_text_for_nbval():
+    shown = table(["method", "n", "ms"], [["blocked", 1024, "35.9"], ["a|b", None, "-"]])
+    assert shown.align == "lrr"  # numbers (and empty or "-" cells) right, words left
+    assert shown._repr_markdown_() == (
+        "| method | n | ms |\n|:---|---:|---:|\n| blocked | 1024 | 35.9 |\n| a\\|b |  | - |\n"
+    )
+    assert repr(shown).splitlines() == [
+        "method      n    ms",
+        "-------  ----  ----",
+        "blocked  1024  35.9",
+        "a|b               -",
+    ]
+    assert table(["x"], [["1"]], align="c").align == "c"
+    with pytest.raises(ValueError, match="a row has 1 cells, the header 2"):
+        table(["a", "b"], [["only one"]])
+    with pytest.raises(ValueError, match="one of l, r, c per column"):
+        table(["a", "b"], [["1", "2"]], align="rx")
+

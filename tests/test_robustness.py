@@ -196,9 +196,154 @@ def test_numpy_scales_and_string_dilations():
 
 
 def test_meta_tensors_get_the_reason_no_backend_runs_them():
+    from swa_lib.backends import BACKENDS
+
     q = torch.randn(1, 2, 5, 4, device="meta")
-    with pytest.raises(ValueError, match="device 'meta' is not supported by any backend; backend '\w+' does not run"):
-        swa_lib.sliding_window_attention(q, q, q, (2, 0))
+    for kwargs in ({}, {"global_tokens": [1]}, {"sinks": 1, "dilation": 2}):  # global tokens: no value is read
+        with pytest.raises(ValueError, match="no registered backend can run this call: device 'meta' is not "
+                                             "supported by any backend; ") as info:
+            swa_lib.sliding_window_attention(q, q, q, (2, 0), **kwargs)
+        for name, row in BACKENDS.items():  # one reason per backend "auto" may choose
+            assert not row.auto or f"backend {name!r}" in str(info.value), (name, str(info.value))
+    assert "does not run on device 'meta'" in str(info.value)
+
+
+LOW_LEVEL = ["loop_attention", "dense_attention", "sdpa_attention", "chunked_attention", "blocked_attention",
+             "band_attention", "chunked_band_attention"]
+
+
+def _low_level(name, q, k, v, window=(1, 0), scale=0.5, **pattern):
+    fn = getattr(swa_lib, name)
+    if name in ("band_attention", "chunked_band_attention"):
+        return fn(q, k, v, *window, scale)[0]
+    return fn(q, k, v, AttentionPattern(*window, **pattern), scale)
+
+
+@pytest.mark.parametrize("name", LOW_LEVEL)
+def test_exported_backend_functions_refuse_more_queries_than_keys(name):
+    """The one way a query row could see no key: N_q > N_k puts queries before key 0. The
+    exported functions used to take it and give NaN rows (blocked), zeros (loop) or a result
+    of the wrong shape (chunked); like the entry point they now refuse it, naming q and k."""
+    q, k = torch.randn(1, 1, 6, 4, dtype=torch.float64), torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more queries than keys is not supported: q has N=6, k has N=3"):
+        _low_level(name, q, k, k)
+
+
+@pytest.mark.parametrize("name", ["band_attention", "chunked_band_attention"])
+@pytest.mark.parametrize("left,right,scale,error,message", [
+    (-1, 0, 0.5, ValueError, "left must be >= 0, got -1"),  # an empty window: used to give NaN rows
+    (0, -3, 0.5, ValueError, "right must be >= 0, got -3"),
+    (True, 0, 0.5, TypeError, "left must be an int, got bool"),
+    (1.5, 0, 0.5, TypeError, "left must be an int, got float"),
+    (1, 0, float("nan"), ValueError, "scale must be a positive finite number, got nan"),  # used to give NaN
+])
+def test_band_functions_check_their_window_and_scale(name, left, right, scale, error, message):
+    q = torch.randn(1, 1, 5, 4)
+    with pytest.raises(error, match=message):
+        getattr(swa_lib, name)(q, q, q, left, right, scale)
+
+
+@pytest.mark.parametrize("name", LOW_LEVEL)
+def test_exported_backend_functions_check_their_tensors(name):
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):  # used to be AttributeError
+        _low_level(name, q.tolist(), q, q)
+    with pytest.raises(ValueError, match="k must have 4 dims"):  # used to be ZeroDivisionError
+        _low_level(name, q, q[0], q)
+    with pytest.raises(ValueError, match="k and v must agree in heads and length"):  # used to be accepted
+        _low_level(name, q, q, q[:, :, :3])
+
+
+@pytest.mark.parametrize("name", ["loop_attention", "dense_attention", "sdpa_attention", "chunked_attention",
+                                  "blocked_attention"])
+def test_exported_backend_functions_check_the_pattern(name):
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(TypeError, match="pattern must be a swa_lib.AttentionPattern"):  # was AttributeError
+        getattr(swa_lib, name)(q, q, q, (1, 0), 0.5)
+    with pytest.raises(ValueError, match=r"pattern.global_tokens must have shape \(B, N_k\) = \(1, 5\), got \(2, 5\)"):
+        _low_level(name, q, q, q, global_tokens=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pattern.dilation has 3 entries"):
+        _low_level(name, q, q, q, dilation=(1, 2, 3))
+    # sizes beyond the sequence are cut as the entry point cuts them (they used to overflow int64)
+    ref = swa_lib.sliding_window_attention(q, q, q, (5, 5), sinks=5, dilation=(1, 5), backend="dense")
+    got = _low_level(name, q, q, q, window=(2**64, 2**64), sinks=2**64, dilation=(1, 2**70))
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("name", LOW_LEVEL)
+@pytest.mark.parametrize("shapes", [((0, 2, 5, 4), (0, 2, 5, 4), (0, 2, 5, 4)),
+                                    ((1, 2, 0, 4), (1, 2, 7, 4), (1, 2, 7, 4)),
+                                    ((1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 0))], ids=["B=0", "N_q=0", "D_v=0"])
+def test_exported_backend_functions_give_empty_results_for_empty_inputs(name, shapes):
+    q, k, v = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes)
+    out = _low_level(name, q, k, v, sinks=1, dilation=2)
+    assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
+@pytest.mark.parametrize("backend", ["loop", "dense", "sdpa", "chunked", "blocked"])
+def test_the_sparsest_rows_see_exactly_themselves(backend):
+    """The closest a call comes to a fully masked row: window (0, 0), a dilation beyond the
+    sequence, fewer queries than keys. Each query sees only its own key, so the output is that
+    key's value, dq and dk are zero and dv is the upstream gradient, on every CPU backend."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 7, 8, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 4, 3, 8, dtype=torch.float64, generator=gen)
+    for window, dilation in (((0, 0), 1), ((5, 5), 2**40)):
+        out = swa_lib.sliding_window_attention(q, k, v, window, dilation=dilation, backend=backend)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        own = v.detach()[:, :, 4:].repeat_interleave(2, dim=1)  # query row r is position r + 4; GQA 4 -> 2
+        torch.testing.assert_close(out, own, rtol=0, atol=1e-12)
+        for zero in (dq, dk):  # (up to rounding: dS = P * (dP - delta) cancels in floating point)
+            torch.testing.assert_close(zero, torch.zeros_like(zero), rtol=0, atol=1e-12)
+        expected_dv = torch.zeros_like(v)
+        expected_dv[:, :, 4:] = grad.unflatten(1, (2, 2)).sum(2)
+        torch.testing.assert_close(dv, expected_dv, rtol=0, atol=1e-12)
+
+
+def test_a_fully_masked_row_gives_zeros_in_the_dense_softmax_as_in_pytorchs_sdpa():
+    """The convention swa_lib follows where a routine is handed a row without keys: zeros and
+    zero gradients, what F.scaled_dot_product_attention returns (its math path normalises with
+    aten._safe_softmax), not softmax's NaN."""
+    import torch.nn.functional as F
+    from swa_lib.backends.dense import masked_softmax
+
+    q = torch.randn(1, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    ours = torch.matmul(masked_softmax(q @ q.transpose(-1, -2) * 0.5, mask), q)
+    theirs = F.scaled_dot_product_attention(q, q, q, attn_mask=mask, scale=0.5)
+    torch.testing.assert_close(ours, theirs)
+    assert not ours[0, 0, 1].any()
+    (g_ours,) = torch.autograd.grad(ours[0, 0, 1].sum(), q)
+    assert not g_ours.any()
+
+
+def _triton():
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
+        pytest.skip("needs triton and no GPU (the kernels run in Triton's interpreter)")
+    import swa_lib.backends.triton as tk  # conftest set TRITON_INTERPRET=1 before anything imported triton
+
+    if not tk.INTERPRETER:
+        pytest.skip("swa_lib.backends.triton was imported without TRITON_INTERPRET=1")
+    return tk
+
+
+@pytest.mark.interpreter
+def test_triton_cuts_a_huge_dilation_to_the_sequence():
+    """The kernels hold dilations in int32: 2**40 used to fail with "value cannot be converted to
+    type int32 without overflow", a message that does not say which value. The entry point cuts
+    dilations to N; the registry function (a pattern handed to it directly) now does too."""
+    tk = _triton()
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    huge = tk.triton_attention(q, k, v, AttentionPattern(6, 2, dilation=(2**40, 1)), 0.25)
+    same = tk.triton_attention(q, k, v, AttentionPattern(6, 2, dilation=(20, 1)), 0.25)
+    torch.testing.assert_close(huge, same, rtol=0, atol=0)
+    torch.testing.assert_close(huge[:, 0], v[:, 0], rtol=0, atol=1e-6)  # head 0: each query sees itself
 
 
 def test_longformer_config_and_padding_messages():
@@ -209,3 +354,19 @@ def test_longformer_config_and_padding_messages():
     layer = LongformerSelfAttention(LongformerAttentionConfig(hidden_size=8, num_heads=2, attention_window=4))
     with pytest.raises(TypeError, match="got dtype torch.int64"):
         layer(torch.randn(1, 6, 8), padding=torch.zeros(1, 6, dtype=torch.long))
+
+
+@pytest.mark.interpreter
+def test_triton_sparsest_rows_see_exactly_themselves():
+    """As test_the_sparsest_rows_see_exactly_themselves, for the kernel (N_q = N_k there)."""
+    _triton()
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen, requires_grad=True) for _ in range(3))
+    grad = torch.randn(1, 2, 20, 16, generator=gen)
+    for window, dilation in (((0, 0), 1), ((5, 5), 2**40)):
+        out = swa_lib.sliding_window_attention(q, k, v, window, dilation=dilation, backend="triton")
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        torch.testing.assert_close(out, v.detach(), rtol=0, atol=1e-6)
+        for zero in (dq, dk):
+            torch.testing.assert_close(zero, torch.zeros_like(zero), rtol=0, atol=1e-5)
+        torch.testing.assert_close(dv, grad, rtol=0, atol=1e-6)

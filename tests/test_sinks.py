@@ -181,14 +181,27 @@ def test_variants_table_lists_every_stored_run():
     from swa_lib.lab.sinks_run import format_variants
 
     variants, demo = load("sinks_variants"), load("sinks_demo")
-    table = format_variants(variants).splitlines()
-    assert len(table) == 1 + len(variants)
-    for name, line in zip(variants, table[1:]):
+    table = format_variants(variants).splitlines()  # header, rule, one line per run
+    assert len(table) == 2 + len(variants)
+    for name, line in zip(variants, table[2:]):
         assert line.startswith(name)
     # the demo's own run is in the table, with the numbers the chapter loads
     (name,) = [k for k in variants if k.startswith("demo")]
     assert variants[name]["ppl"] == demo["ppl"]
     assert variants[name]["config"]["model"] == demo["config"]["model"]
+
+
+def test_result_tables_render_as_markdown():
+    from swa_lib.lab.results import load
+    from swa_lib.lab.sinks_run import first_token_table, perplexity_table, spread_table
+
+    demo = load("sinks_demo")
+    heads = first_token_table(demo)._repr_markdown_().splitlines()
+    assert heads[0].startswith("| layer | h0 |") and len(heads) == 2 + len(demo["first_token"])
+    ppl = perplexity_table(demo)._repr_markdown_()
+    assert "| recompute+BOS |" in ppl and "+0.0%" in ppl
+    spread = load("sinks_spread")
+    assert len(repr(spread_table(spread)).splitlines()) == 2 + len(spread["runs"]) + 4
 
 
 def test_value_norms_match_a_hand_computation():

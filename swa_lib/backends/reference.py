@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_backend_args, compute_dtype
+from .common import check_backend_args, compute_dtype, empty_output
 from ..masks import AttentionPattern
 
 __all__ = ["loop_attention"]
@@ -43,6 +43,9 @@ def loop_attention(
         zeros, the convention of every backend and of PyTorch's SDPA).
     """
     pattern, scale = check_backend_args(q, k, v, pattern, scale)
+    empty = empty_output(q, k, v)
+    if empty is not None:  # B, H, N_q or D_v of 0: nothing to compute
+        return empty
     out_dtype = q.dtype
     batch, heads, n_q, _ = q.shape
     heads_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]

@@ -6,7 +6,8 @@ elsewhere. The chapters print the claim instead: :func:`below` returns ``"< 1e-0
 is below the bound and raises when it is not (:func:`above` is its mirror), so the check is made
 on every run and the printed text does not depend on the last bits.
 
-:func:`show_source` shows a function's source in a chapter as a highlighted code block.
+:func:`show_source` shows a function's source in a chapter as a highlighted code block, and
+:func:`table` shows rows of results as a table (rendered on the page, aligned text elsewhere).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import textwrap
 
 import torch
 
-__all__ = ["above", "below", "max_error", "show_source", "Source"]
+__all__ = ["above", "below", "max_error", "show_source", "Source", "table", "Table"]
 
 
 def max_error(a, b) -> float:
@@ -83,3 +84,67 @@ def show_source(obj) -> Source:
     Triton kernels are shown through their Python function (``kernel.fn``).
     """
     return Source(textwrap.dedent(inspect.getsource(obj)).rstrip("\n"))
+
+
+class Table:
+    """Rows of results for display: a Markdown table in a notebook and on the book's pages,
+    aligned plain text everywhere else (a terminal, and nbval, which compares the text)."""
+
+    def __init__(self, header, rows, align: str | None = None):
+        self.header = [str(h) for h in header]
+        self.rows = [["" if c is None else str(c) for c in row] for row in rows]
+        for row in self.rows:
+            if len(row) != len(self.header):
+                raise ValueError(
+                    f"a row has {len(row)} cells, the header {len(self.header)}: {row}"
+                )
+        if align is None:  # numbers right, words left
+            align = "".join(
+                "r" if self.rows and all(_numeric(row[i]) for row in self.rows) else "l"
+                for i in range(len(self.header))
+            )
+        if len(align) != len(self.header) or set(align) - set("lrc"):
+            raise ValueError(f"align needs one of l, r, c per column, got {align!r}")
+        self.align = align
+
+    def __repr__(self) -> str:
+        widths = [
+            max([len(h)] + [len(row[i]) for row in self.rows]) for i, h in enumerate(self.header)
+        ]
+        pad = {"l": str.ljust, "r": str.rjust, "c": str.center}
+
+        def line(cells):
+            return "  ".join(pad[a](c, wd) for a, c, wd in zip(self.align, cells, widths)).rstrip()
+
+        rule = "  ".join("-" * wd for wd in widths)
+        return "\n".join([line(self.header), rule] + [line(row) for row in self.rows])
+
+    def _repr_markdown_(self) -> str:
+        rule = {"l": ":---", "r": "---:", "c": ":---:"}
+
+        def line(cells):
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+        return "\n".join(
+            [line(self.header), "|" + "|".join(rule[a] for a in self.align) + "|"]
+            + [line(row) for row in self.rows]
+        ) + "\n"
+
+
+def table(header, rows, align: str | None = None) -> Table:
+    """A table of ``rows`` (sequences of cells, formatted with ``str``; ``None`` is an empty cell)
+    under ``header``, for a chapter to display.
+
+    ``align`` has one letter per column, ``l``, ``r`` or ``c``; by default a column whose cells
+    are all numbers is right-aligned and any other column left-aligned.
+    """
+    return Table(header, rows, align)
+
+
+def _numeric(cell: str) -> bool:
+    text = cell.replace(",", "").replace("_", "").strip().rstrip("x%")
+    try:
+        float(text)
+    except ValueError:
+        return cell.strip() in {"", "-"}
+    return True

@@ -6,7 +6,8 @@ prints its table. ``--save`` stores the weights (float16, a few hundred KB) as
 them instead of training; ``--heads``, ``--steps``, ``--context``, ``--seed`` change the
 configuration and ``--variant NAME`` stores such a run's numbers in ``sinks_variants.json`` (the
 chapter's table of what else was tried). ``benchmarks/sinks_spread.py`` retrains over seeds and
-numerics. The ``format_*`` functions print the stored results.
+numerics. The ``*_table`` functions show the stored results as tables (rendered in a notebook),
+the ``format_*`` functions as text.
 """
 
 from __future__ import annotations
@@ -18,44 +19,59 @@ from dataclasses import asdict
 import torch
 
 from .model import ModelConfig
+from .report import Table, table
 from .results import machine, path as result_path
 from .sinks import DemoConfig, load_demo_model, run_demo, sink_policies
 
-__all__ = ["format_report", "format_variants", "format_spread", "save_demo", "save_variant", "main"]
+__all__ = [
+    "first_token_table", "perplexity_table", "format_report", "variants_table", "format_variants",
+    "spread_table", "format_spread", "save_demo", "save_variant", "main",
+]
+
+
+def first_token_table(result: dict, digits: int = 3) -> Table:
+    """Attention on token 0 (BOS) per layer (rows) and head (columns), mean over queries >= W/4."""
+    mass = result["first_token"]
+    return table(["layer"] + [f"h{h}" for h in range(len(mass[0]))],
+                 [[i] + [f"{x:.{digits}f}" for x in row] for i, row in enumerate(mass)])
+
+
+def perplexity_table(result: dict, digits: int = 3) -> Table:
+    """Perplexity per cache policy, and its difference from recompute+BOS (what training saw)."""
+    ref = result["ppl"]["recompute+BOS"]
+    return table(["policy (cache of W tokens)", "perplexity", "vs recompute+BOS"],
+                 [[name, f"{value:.{digits}f}", f"{100 * (value / ref - 1):+.1f}%"]
+                  for name, value in result["ppl"].items()])
 
 
 def format_report(result: dict, digits: int = 3) -> str:
-    """The demonstration's table: first-token attention per layer/head, then perplexities."""
-    mass = result["first_token"]
-    lines = ["Attention on token 0 (BOS) per layer and head, mean over queries >= W/4",
-             f"(uniform attention would give {result['uniform']:.{digits}f})"]
-    lines.append(("layer | " + " | ".join(f"h{h:<{digits + 1}d}" for h in range(len(mass[0])))).rstrip())
-    for i, row in enumerate(mass):
-        lines.append(f"{i:5d} | " + " | ".join(f"{x:.{digits}f}" for x in row))
-    lines.append("")
-    ref = result["ppl"]["recompute+BOS"]
-    lines.append(f"{'policy (cache of W tokens)':28s} | perplexity | vs recompute+BOS")
-    for name, value in result["ppl"].items():
-        lines.append(f"{name:28s} | {value:10.{digits}f} | {100 * (value / ref - 1):+7.1f}%")
-    return "\n".join(lines)
+    """The demonstration's tables as text: first-token attention per layer/head, then perplexities."""
+    return "\n".join([
+        "Attention on token 0 (BOS) per layer and head, mean over queries >= W/4",
+        f"(uniform attention would give {result['uniform']:.{digits}f})",
+        repr(first_token_table(result, digits)), "", repr(perplexity_table(result, digits))])
 
 
-def format_variants(data: dict, digits: int = 1) -> str:
-    """One line per stored run of ``sinks_variants.json``: layer 0's share of attention on BOS
+def variants_table(data: dict, digits: int = 1) -> Table:
+    """One row per stored run of ``sinks_variants.json``: layer 0's share of attention on BOS
     (lowest and highest head), then window-only, the best of 1..4 sinks ("best S") and
     recomputation without BOS ("no BOS"), each relative to recompute+BOS; with the final training
     loss (nats per byte) and the training time."""
-    width = max(len("run"), *(len(name) for name in data))
-    lines = [f"{'run':{width}s} | L0 on BOS |  window |  best S |  no BOS | loss  | train"]
+    rows = []
     for name, r in data.items():
         p, ref = r["ppl"], r["ppl"]["recompute+BOS"]
-        rel = lambda x: f"{100 * (x / ref - 1):+6.{digits}f}%"  # noqa: E731
-        best = min(sink_policies(p))
+        rel = lambda x: f"{100 * (x / ref - 1):+.{digits}f}%"  # noqa: E731
         l0 = r["first_token"][0]
-        loss = "  -  " if r.get("final_loss") is None else f"{r['final_loss']:.3f}"
-        lines.append(f"{name:{width}s} | {min(l0):.2f}-{max(l0):.2f} | {rel(p['window']):>7s} | {rel(best):>7s} | "
-                     f"{rel(p['recompute']):>7s} | {loss} | {r['seconds_train']:3.0f} s")
-    return "\n".join(lines)
+        loss = "-" if r.get("final_loss") is None else f"{r['final_loss']:.3f}"
+        rows.append([name, f"{min(l0):.2f}-{max(l0):.2f}", rel(p["window"]), rel(min(sink_policies(p))),
+                     rel(p["recompute"]), loss, f"{r['seconds_train']:.0f} s"])
+    return table(["run", "L0 on BOS", "window", "best S", "no BOS", "loss", "train"], rows,
+                 align="lrrrrrr")
+
+
+def format_variants(data: dict, digits: int = 1) -> str:
+    """:func:`variants_table` as text: a header, a rule, one line per run."""
+    return repr(variants_table(data, digits))
 
 
 SPREAD_COLUMNS = (  # (findings key, header, as a percentage?)
@@ -70,25 +86,26 @@ SPREAD_COLUMNS = (  # (findings key, header, as a percentage?)
 )
 
 
-def format_spread(data: dict) -> str:
-    """The retrainings of ``sinks_spread.json``, one line per (seed, numerics), then the range and
+def spread_table(data: dict) -> Table:
+    """The retrainings of ``sinks_spread.json``, one row per (seed, numerics), then the range and
     the mean +- standard deviation of every column (see :func:`findings` for what each one is)."""
     def cell(x, pct):
         return f"{100 * x:+.1f}%" if pct else f"{x:.2f}x"
 
-    def row(label, values):
-        return f"{label:14s}" + "".join(f"{v:>9s}" for v in values)
-
-    lines = [row("seed numerics", [h for _, h, _ in SPREAD_COLUMNS])]
-    for r in data["runs"]:
-        lines.append(row(f"{r['seed']:4d} {r['numerics']['name']}",
-                         [cell(r["findings"][k], pct) for k, _, pct in SPREAD_COLUMNS]))
+    rows = [[r["seed"], r["numerics"]["name"]]
+            + [cell(r["findings"][k], pct) for k, _, pct in SPREAD_COLUMNS] for r in data["runs"]]
     summ = data["summary"]
-    lines.append(row("lowest", [cell(summ[k]["min"], pct) for k, _, pct in SPREAD_COLUMNS]))
-    lines.append(row("highest", [cell(summ[k]["max"], pct) for k, _, pct in SPREAD_COLUMNS]))
-    lines.append(row("mean", [cell(summ[k]["mean"], pct) for k, _, pct in SPREAD_COLUMNS]))
-    lines.append(row("std. deviation", [cell(summ[k]["stdev"], pct).lstrip("+") for k, _, pct in SPREAD_COLUMNS]))
-    return "\n".join(lines)
+    for label, stat in (("lowest", "min"), ("highest", "max"), ("mean", "mean"),
+                        ("std. deviation", "stdev")):
+        cells = [cell(summ[k][stat], pct) for k, _, pct in SPREAD_COLUMNS]
+        rows.append([label, ""] + ([c.lstrip("+") for c in cells] if stat == "stdev" else cells))
+    return table(["seed", "numerics"] + [h for _, h, _ in SPREAD_COLUMNS], rows,
+                 align="ll" + "r" * len(SPREAD_COLUMNS))
+
+
+def format_spread(data: dict) -> str:
+    """:func:`spread_table` as text."""
+    return repr(spread_table(data))
 
 
 def save_demo(result: dict, cfg: DemoConfig) -> None:

@@ -32,10 +32,9 @@ When there are fewer queries than keys (``n_q < n_k``, e.g. decoding with a cach
 queries are the *last* ``n_q`` positions: query row ``r`` has position ``r + n_k - n_q``
 (the "bottom-right" alignment FlashAttention uses).
 
-Empty rows: with ``left, right >= 0`` every query sees at least itself, so no row of a
-window mask is empty. The dense backend nevertheless defines the output of a query that sees
-no key (for example under a user-supplied padding mask) as zeros, with zero gradient, and the
-tests check it.
+Empty rows: with ``left, right >= 0`` and ``n_q <= n_k`` (both enforced at every entry
+point) every query sees at least itself, so no row of a mask is empty. The dense softmax would
+still give such a row zeros with zero gradient, as PyTorch's SDPA does, and the tests check it.
 
 This module also holds the converters to the window conventions of other libraries; they
 disagree with each other by one, and :data:`CONVENTIONS` tabulates them.

@@ -84,23 +84,10 @@ def format_table(rows: list) -> str:
 
 
 def plot(data: dict):
-    """Time against N per (window, mode) for the MHA case, from a stored result dict."""
-    from swa_lib.lab.plotting import new_figure, plot_scaling
+    """The stored result's figure (drawn by the installed package, so chapters need no script)."""
+    from swa_lib.lab.plotting import plot_gpu_bench
 
-    rows = [r for r in data["rows"] if r["heads"] == r["heads_kv"]]
-    windows = sorted({tuple(r["window"]) for r in rows})
-    fig, axes = new_figure(ncols=2, nrows=max(len(windows), 1), width=6, height=4.2)
-    for wi, window in enumerate(windows):
-        for mi, mode in enumerate(MODES):
-            ax = axes[wi, mi]
-            sel = [r for r in rows if tuple(r["window"]) == window and r["mode"] == mode]
-            ns = sorted({r["n"] for r in sel})
-            series = {m: [next((r["ms"] for r in sel if r["n"] == n and r["method"] == m), None) for n in ns]
-                      for m in METHODS}
-            plot_scaling(ns, series, ax=ax, title=f"window {window}, {mode}")
-    fig.suptitle(f"{data['gpu']}, bf16, B=1, H=16, D=128 ({data['date']})")
-    fig.tight_layout()
-    return fig
+    return plot_gpu_bench(data)
 
 
 # ---- measurement (CUDA only) ----------------------------------------------------------------

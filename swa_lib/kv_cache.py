@@ -161,8 +161,9 @@ class RollingKVCache(_CacheBase):
         c = self._check_new(k, v)
         if c > self.max_chunk:
             raise ValueError(
-                f"got {c} new tokens but this cache takes at most max_chunk={self.max_chunk} per update; "
-                "feed long prompts in chunks (TinyLM.prefill(..., chunk_size=...))"
+                f"got {c} new tokens but this cache takes at most "
+                f"max_chunk={self.max_chunk} per update; feed long prompts in chunks "
+                "(TinyLM.prefill(..., chunk_size=...))"
             )
         old_k, old_v = self.keys_values()  # (B, H_kv, min(seen, W), D)
         k_ctx = torch.cat([old_k, k], dim=2)  # (B, H_kv, min(seen, W) + C, D)
@@ -171,7 +172,8 @@ class RollingKVCache(_CacheBase):
         keep = min(c, self.window)
         pos = torch.arange(self.seen + c - keep, self.seen + c, device=self.device)
         slots = pos % self.window  # (keep,), all distinct
-        self.k[:, :, slots] = k[:, :, c - keep:].detach()  # stored detached: no autograd history kept
+        # stored detached: the cache keeps no autograd history
+        self.k[:, :, slots] = k[:, :, c - keep:].detach()
         self.v[:, :, slots] = v[:, :, c - keep:].detach()
         self.seen += c
         return k_ctx, v_ctx

@@ -95,3 +95,27 @@ def test_mask_ticks_are_whole_positions_and_four_masks_make_two_rows():
     plt.close(fig)
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert shape == (2, 2)
+
+
+def test_gpu_bench_figure_and_table_come_from_the_package():
+    """Chapter 8 draws stored GPU results with installed code only (no benchmarks/ script)."""
+    from swa_lib.lab.plotting import plot_gpu_bench
+    from swa_lib.lab.report import gpu_bench_table
+
+    methods = ["triton", "sdpa_band_mask"]
+    rows = [dict(window=[256, 256], heads=h, heads_kv=h, mode=m, n=n, method=meth,
+                 ms=None if meth == "sdpa_band_mask" and n > 4096 else 0.1 * n / 4096,
+                 tflops=1.0, peak_gib=0.5, error=None)
+            for h in (16,) for m in ("fwd", "fwd+bwd") for n in (4096, 8192, 16384)
+            for meth in methods]
+    data = dict(gpu="Test GPU", date="2026-01-01", torch="2.11", triton="3.6", rows=rows,
+                dtype="bfloat16", batch=1, head_dim=128)
+    fig = plot_gpu_bench(data)
+    assert len(fig.axes) == 2
+    assert [ax.get_title() for ax in fig.axes] == ["window (256, 256), fwd", "window (256, 256), fwd+bwd"]
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert any(label.startswith("triton (slope") for label in labels)
+    t = gpu_bench_table(data)
+    assert t.title == "measured on Test GPU on 2026-01-01 (torch 2.11, triton 3.6)"
+    assert sum(row[5] == "out of memory" for row in t.rows) == 4
+    assert len(t.rows) == len(rows)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from swa_lib.lab.report import Source, above, below, max_error, show_source, table
+from swa_lib.lab.report import Source, above, below, extension_costs, max_error, show_source, table
 
 
 def test_max_error():
@@ -62,3 +62,25 @@ def test_table_is_markdown_on_the_page_and_aligned_text_for_nbval():
     with pytest.raises(ValueError, match="one of l, r, c per column"):
         table(["a", "b"], [["1", "2"]], align="rx")
 
+
+
+def test_table_title_is_a_line_above_it():
+    t = table(["a", "b"], [[1, "x"]], title="stored run: some CPU")
+    assert repr(t).splitlines()[0] == "stored run: some CPU"
+    assert t._repr_markdown_().startswith("stored run: some CPU\n\n| a | b |")
+
+
+def test_extension_costs_are_the_stored_ratios():
+    from swa_lib.lab import results
+
+    stored = results.load("cpu_bench")["extensions"]
+    times = {(r["peer"], r["case"]): r["time_s"] for r in stored["rows"]}
+    t = extension_costs("dilation")
+    assert t.title.startswith("stored run: " + stored["machine"]["cpu"])
+    fresh = [row for row in t.rows if row[0] == "fresh for every temporary"]
+    assert {row[1] for row in fresh} == {"blocked", "chunked"}
+    for memory, peer, case, plain, with_it, ratio, extra in fresh:
+        expected = times[(peer, case)] / times[(peer, "plain (256,256)")]
+        assert ratio == f"{expected:.2f}x"
+    with pytest.raises(KeyError, match="no stored extension case starts with 'nothing'"):
+        extension_costs("nothing")

@@ -151,7 +151,8 @@ class _HaloExchange(torch.autograd.Function):
                 own = piece.clone()
             else:
                 sends.append((piece.contiguous(), owner))
-        bufs = [(grad.new_empty(grad.shape[0], grad.shape[1], b - a, grad.shape[3]), p, a, b) for p, a, b in give]
+        bufs = [(grad.new_empty(grad.shape[0], grad.shape[1], b - a, grad.shape[3]), p, a, b)
+                for p, a, b in give]
         _exchange(sends, [(buf, p) for buf, p, _, _ in bufs], group)
         for buf, _, a, b in bufs:
             own[:, :, a - s : b - s] += buf

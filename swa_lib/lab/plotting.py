@@ -33,6 +33,7 @@ __all__ = [
     "plot_receptive_field",
     "plot_rolling_buffer",
     "plot_decode_bench",
+    "plot_gpu_bench",
     "plot_reach_growth",
     "plot_attention_heads",
     "plot_history",
@@ -259,6 +260,32 @@ def plot_decode_bench(data: dict):
                  va="top", fontsize=_MIN_FONT)
     fig.legend(*ax1.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=len(data["results"]), frameon=False, fontsize=_MIN_FONT)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gpu_bench(data: dict):
+    """Time against N per (window, mode) for the multi-head rows of a stored GPU benchmark
+    (``gpu_bench.json``, written by ``benchmarks/gpu.py``): one panel per window and mode, one
+    curve per method. Lives in the package so that a chapter can draw it wherever swa_lib is
+    installed; the benchmark script only measures."""
+    rows = [r for r in data["rows"] if r["heads"] == r["heads_kv"]]
+    windows = sorted({tuple(r["window"]) for r in rows})
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = new_figure(ncols=max(len(modes), 1), nrows=max(len(windows), 1),
+                           width=COLUMN_WIDTH, height=3.4 * max(len(windows), 1))
+    for wi, window in enumerate(windows):
+        for mi, mode in enumerate(modes):
+            sel = [r for r in rows if tuple(r["window"]) == window and r["mode"] == mode]
+            ns = sorted({r["n"] for r in sel})
+            ms = {(r["n"], r["method"]): r["ms"] for r in sel}
+            series = {m: [ms.get((n, m)) for n in ns] for m in methods}
+            plot_scaling(ns, series, ax=axes[wi, mi], title=f"window {window}, {mode}")
+    heads = sorted({r["heads"] for r in rows})
+    fig.suptitle(f"{data['gpu']}, {data.get('dtype', 'bfloat16')}, B = {data.get('batch', 1)}, "
+                 f"H = {'/'.join(map(str, heads))}, D = {data.get('head_dim', '?')} "
+                 f"({data['date']})", fontsize=_MIN_FONT + 1)
     fig.tight_layout()
     return fig
 

@@ -7,7 +7,8 @@ is below the bound and raises when it is not (:func:`above` is its mirror), so t
 on every run and the printed text does not depend on the last bits.
 
 :func:`show_source` shows a function's source in a chapter as a highlighted code block, and
-:func:`table` shows rows of results as a table (rendered on the page, aligned text elsewhere).
+:func:`table` shows rows of results as a table (rendered on the page, aligned text elsewhere);
+:func:`extension_costs` is the table chapters 6 and 7 show from the stored CPU benchmark.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import textwrap
 
 import torch
 
-__all__ = ["above", "below", "max_error", "show_source", "Source", "table", "Table"]
+__all__ = ["above", "below", "extension_costs", "gpu_bench_table", "max_error", "show_source", "Source", "table", "Table"]
 
 
 def max_error(a, b) -> float:
@@ -90,7 +91,8 @@ class Table:
     """Rows of results for display: a Markdown table in a notebook and on the book's pages,
     aligned plain text everywhere else (a terminal, and nbval, which compares the text)."""
 
-    def __init__(self, header, rows, align: str | None = None):
+    def __init__(self, header, rows, align: str | None = None, title: str | None = None):
+        self.title = title
         self.header = [str(h) for h in header]
         self.rows = [["" if c is None else str(c) for c in row] for row in rows]
         for row in self.rows:
@@ -117,7 +119,8 @@ class Table:
             return "  ".join(pad[a](c, wd) for a, c, wd in zip(self.align, cells, widths)).rstrip()
 
         rule = "  ".join("-" * wd for wd in widths)
-        return "\n".join([line(self.header), rule] + [line(row) for row in self.rows])
+        head = [self.title] if self.title else []
+        return "\n".join(head + [line(self.header), rule] + [line(row) for row in self.rows])
 
     def _repr_markdown_(self) -> str:
         rule = {"l": ":---", "r": "---:", "c": ":---:"}
@@ -125,20 +128,22 @@ class Table:
         def line(cells):
             return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
+        head = [self.title, ""] if self.title else []
         return "\n".join(
-            [line(self.header), "|" + "|".join(rule[a] for a in self.align) + "|"]
+            head + [line(self.header), "|" + "|".join(rule[a] for a in self.align) + "|"]
             + [line(row) for row in self.rows]
         ) + "\n"
 
 
-def table(header, rows, align: str | None = None) -> Table:
+def table(header, rows, align: str | None = None, title: str | None = None) -> Table:
     """A table of ``rows`` (sequences of cells, formatted with ``str``; ``None`` is an empty cell)
     under ``header``, for a chapter to display.
 
     ``align`` has one letter per column, ``l``, ``r`` or ``c``; by default a column whose cells
-    are all numbers is right-aligned and any other column left-aligned.
+    are all numbers is right-aligned and any other column left-aligned. ``title``, if given, is a
+    line of text above the table.
     """
-    return Table(header, rows, align)
+    return Table(header, rows, align, title)
 
 
 def _numeric(cell: str) -> bool:
@@ -148,3 +153,52 @@ def _numeric(cell: str) -> bool:
     except ValueError:
         return cell.strip() in {"", "-"}
     return True
+
+
+def extension_costs(case: str) -> Table:
+    """What one extension costs in the stored CPU benchmark (``benchmarks/cpu.py``, its
+    ``extensions`` runs): per backend, the plain window against the rows whose case starts with
+    ``case`` (``"+16"`` for global tokens, ``"dilation"``), once with fresh memory for every
+    temporary and once with memory reused. The machine that made the numbers is the first line."""
+    from . import results  # the stored results; loaded only when a chapter asks
+
+    stored = results.load("cpu_bench")
+    runs = [("extensions", "fresh for every temporary"), ("extensions_timing_only", "reused")]
+    rows, machines = [], set()
+    for key, memory in runs:
+        run = stored[key]
+        m = run["machine"]
+        machines.add(f"{m['cpu']}, {m['torch_threads']} thread(s)")
+        base = {r["peer"]: r["time_s"] for r in run["rows"] if r["case"].startswith("plain")}
+        for r in run["rows"]:
+            if r["case"].startswith(case):
+                plain, with_ext = base[r["peer"]], r["time_s"]
+                rows.append([memory, r["peer"], r["case"], f"{plain * 1e3:.0f}",
+                             f"{with_ext * 1e3:.0f}", f"{with_ext / plain:.2f}x",
+                             f"{(with_ext - plain) * 1e3:+.0f}"])
+    if not rows:
+        raise KeyError(f"no stored extension case starts with {case!r}")
+    title = "stored run: " + "; ".join(sorted(machines)) + ", N = 16384"
+    return Table(["memory", "backend", "case", "plain ms", "with it ms", "ratio", "extra ms"], rows,
+                 title=title)
+
+
+def gpu_bench_table(data: dict) -> Table:
+    """The rows of a stored GPU benchmark (``gpu_bench.json``) as a table: time, useful
+    TFLOP/s and peak memory per window, heads, mode, N and method; a method that ran out of
+    memory or failed says so instead of a time."""
+
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    rows = [
+        ["({}, {})".format(*r["window"]), f"{r['heads']} / {r['heads_kv']}", r["mode"],
+         f"{r['n']:,}", r["method"],
+         ("error" if r.get("error") else "out of memory") if r["ms"] is None else f"{r['ms']:.3f}",
+         cell(r["tflops"], ".1f"), cell(r["peak_gib"], ".2f")]
+        for r in data["rows"]
+    ]
+    header = ["window", "H / H_kv", "mode", "N", "method", "ms", "TFLOP/s", "peak GiB"]
+    title = (f"measured on {data['gpu']} on {data['date']} "
+             f"(torch {data['torch']}, triton {data['triton']})")
+    return Table(header, rows, title=title)

@@ -124,7 +124,8 @@ def fit(model: nn.Module, cfg: TrainConfig, batch_loss, *, progress: bool = Fals
     return history
 
 
-def train(model: TinyLM, text: str, cfg: TrainConfig = TrainConfig(), *, backend: str = "sdpa") -> list:
+def train(model: TinyLM, text: str, cfg: TrainConfig = TrainConfig(), *,
+          backend: str = "sdpa") -> list:
     """Train ``model`` on random BOS-prefixed windows of ``text``; returns ``[(step, loss), ...]``.
 
     Loss is the mean cross-entropy in nats per byte, logged every ``cfg.log_every`` steps

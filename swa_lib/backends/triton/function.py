@@ -30,7 +30,8 @@ class SlidingWindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        refuse_double_backward("triton")  # once_differentiable alone lets create_graph=True pass silently
+        # once_differentiable alone would let create_graph=True pass silently
+        refuse_double_backward("triton")
         q, k, v, out, lse = ctx.saved_tensors
         with on_device(q):
             dq, dk, dv = launch_backward(do, q, k, v, out, lse, ctx.prep)

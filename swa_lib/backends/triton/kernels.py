@@ -72,8 +72,8 @@ def _fold_blocks(step: tl.constexpr, state, args, offs, ok, first, last, p, MOVE
     """Fold the blocks first .. last - 1 (BLOCK positions each) of the other side into state."""
     for blk in range(first, last):
         move = blk * BLOCK + tl.arange(0, BLOCK)
-        state = _fold_tile(step, state, args, offs, ok, move, move < p.N, p, MOVE_KEYS, MASK, HEAD_DIM,
-                           HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION)
+        state = _fold_tile(step, state, args, offs, ok, move, move < p.N, p, MOVE_KEYS, MASK,
+                           HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION)
     return state
 
 
@@ -121,8 +121,9 @@ def _walk_keys(step: tl.constexpr, state, args, offs_m, row_ok, p, BLOCK_M: tl.c
     In order: the sink blocks before the band, the band (masked edge, unmasked interior, masked
     edge), then the gathered global keys neither covered. Global query rows (FULL_ROWS) see all."""
     if FULL_ROWS:
-        state = _fold_blocks(step, state, args, offs_m, row_ok, 0, tl.cdiv(p.N, BLOCK_N), p, True, "bounds",
-                             BLOCK_N, HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION)
+        state = _fold_blocks(step, state, args, offs_m, row_ok, 0, tl.cdiv(p.N, BLOCK_N), p,
+                             True, "bounds", BLOCK_N, HEAD_DIM, HAS_DILATION, HAS_SINKS,
+                             HAS_GLOBAL, PRECISION)
     else:
         start_m = tl.program_id(0) * BLOCK_M
         lo, hi = key_block_range(start_m, BLOCK_M, BLOCK_N, p.N, p.LEFT, p.RIGHT)
@@ -133,13 +134,15 @@ def _walk_keys(step: tl.constexpr, state, args, offs_m, row_ok, p, BLOCK_M: tl.c
         sink_end = 0
         if HAS_SINKS:
             sink_end = sink_block_end(p.SINKS, lo, BLOCK_N)
-            state = _fold_blocks(step, state, args, offs_m, row_ok, 0, sink_end, p, True, "pattern", BLOCK_N,
-                                 HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION)
-        state = _fold_band(step, state, args, offs_m, row_ok, lo, a, bb, hi, p, True, BLOCK_N, HEAD_DIM,
-                           HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION)
+            state = _fold_blocks(step, state, args, offs_m, row_ok, 0, sink_end, p, True,
+                                 "pattern", BLOCK_N, HEAD_DIM, HAS_DILATION, HAS_SINKS,
+                                 HAS_GLOBAL, PRECISION)
+        state = _fold_band(step, state, args, offs_m, row_ok, lo, a, bb, hi, p, True, BLOCK_N,
+                           HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION)
         if HAS_GLOBAL:
-            state = _fold_gathered(step, state, args, offs_m, row_ok, lo, hi, sink_end, p, True, BLOCK_N,
-                                   HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION)
+            state = _fold_gathered(step, state, args, offs_m, row_ok, lo, hi, sink_end, p, True,
+                                   BLOCK_N, HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL,
+                                   PRECISION)
     return state
 
 
@@ -168,7 +171,8 @@ def _query_program(K, V, DIL, GQ, GK, GIDX, GCNT, stride_kb, stride_kh, stride_v
 @triton.jit(do_not_specialize=["H", *_RUNTIME_INTS])
 def fwd_kernel(
     Q, K, V, O, LSE, DIL, GQ, GK, GIDX, GCNT,  # pointers
-    stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,  # strides
+    # strides
+    stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
     H, N, LEFT, RIGHT, SINKS, G_MAX, qk_scale,  # sizes and pattern
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -176,21 +180,23 @@ def fwd_kernel(
     FULL_ROWS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Output rows and their logsumexp for one block of query rows of one (batch, head)."""
-    b, h, offs_m, row_ok, K, V, p = _query_program(K, V, DIL, GQ, GK, GIDX, GCNT, stride_kb, stride_kh, stride_vb,
-                                                   stride_vh, H, N, LEFT, RIGHT, SINKS, G_MAX, GROUP, BLOCK_M,
-                                                   FULL_ROWS)
-    q = load_rows(head_ptr(Q, b, h, stride_qb, stride_qh), offs_m, row_ok, stride_qn, stride_qd, HEAD_DIM)
+    b, h, offs_m, row_ok, K, V, p = _query_program(
+        K, V, DIL, GQ, GK, GIDX, GCNT, stride_kb, stride_kh, stride_vb, stride_vh, H, N, LEFT,
+        RIGHT, SINKS, G_MAX, GROUP, BLOCK_M, FULL_ROWS)
+    q = load_rows(head_ptr(Q, b, h, stride_qb, stride_qh), offs_m, row_ok, stride_qn, stride_qd,
+                  HEAD_DIM)
     state = (tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32),  # acc
              tl.zeros([BLOCK_M], dtype=tl.float32),  # l_i
              tl.full([BLOCK_M], float("-inf"), dtype=tl.float32))  # m_i
-    acc, l_i, m_i = _walk_keys(fwd_tile, state, (q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale),
-                               offs_m, row_ok, p, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_DILATION, HAS_SINKS,
-                               HAS_GLOBAL, FULL_ROWS, PRECISION)
+    args = (q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale)
+    acc, l_i, m_i = _walk_keys(fwd_tile, state, args, offs_m, row_ok, p, BLOCK_M, BLOCK_N,
+                               HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL, FULL_ROWS, PRECISION)
     # epilogue: normalise, save the logsumexp (base 2) for the backward pass
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    store_rows(head_ptr(O, b, h, stride_ob, stride_oh), offs_m, row_ok, stride_on, stride_od, acc / l_safe[:, None],
-               HEAD_DIM)
-    tl.store(LSE + tl.program_id(1).to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+    store_rows(head_ptr(O, b, h, stride_ob, stride_oh), offs_m, row_ok, stride_on, stride_od,
+               acc / l_safe[:, None], HEAD_DIM)
+    tl.store(LSE + tl.program_id(1).to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_safe),
+             mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["H", "N"])

@@ -125,8 +125,8 @@ def pattern_of(DIL, GQ, GK, GIDX, GCNT, b, h, N, LEFT, RIGHT, SINKS, G_MAX):
 
 
 @triton.jit
-def tile_mask(offs_m, offs_n, row_ok, key_ok, p, HAS_DILATION: tl.constexpr, HAS_SINKS: tl.constexpr,
-              HAS_GLOBAL: tl.constexpr, GLOBAL_ROWS: tl.constexpr):
+def tile_mask(offs_m, offs_n, row_ok, key_ok, p, HAS_DILATION: tl.constexpr,
+              HAS_SINKS: tl.constexpr, HAS_GLOBAL: tl.constexpr, GLOBAL_ROWS: tl.constexpr):
     """The predicate of masks.AttentionPattern.allows on a (BLOCK_M, BLOCK_N) tile of pattern p."""
     i = offs_m[:, None]
     j = offs_n[None, :]

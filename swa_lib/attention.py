@@ -140,8 +140,11 @@ def make_pattern(
         if n is None:
             raise ValueError("global tokens need the sequence length n")
         g = global_mask(global_tokens, batch, n, device)
-        if g is not None and g.device.type != "meta" and not bool(g.any()):  # (meta tensors hold no values)
-            g = None  # an empty set of global tokens is no global tokens
+        # An empty set of global tokens is no global tokens. Meta tensors hold no values, and a
+        # compiled graph must not branch on them: the custom operator checks instead (ops.py).
+        if (g is not None and g.device.type != "meta" and not torch.compiler.is_compiling()
+                and not bool(g.any())):
+            g = None
     if n is not None:
         left, right, dilation, sinks = _within_sequence(left, right, dilation, sinks, n)
     return AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)  # validates
@@ -228,4 +231,10 @@ def sliding_window_attention(
                                    sinks=sinks, scale=scale)
     chosen = choose_backend(backend, q, k, pattern, v)
     empty = empty_output(q, k, v)  # B, H, N_q or D_v of 0: an empty result, as PyTorch's SDPA gives
-    return chosen.fn(q, k, v, pattern, scale) if empty is None else empty
+    if empty is not None:
+        return empty
+    if torch.compiler.is_compiling():  # one opaque operator for the compiler (backends/ops.py)
+        from .backends.ops import call_op
+
+        return call_op(q, k, v, pattern, scale, chosen.name)
+    return chosen.fn(q, k, v, pattern, scale)

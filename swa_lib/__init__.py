@@ -27,6 +27,7 @@ from .masks import (
 from .backends.reference import loop_attention
 from .distributed import sequence_parallel_attention, shard_bounds  # torch.distributed: no side effects
 from .kv_cache import RollingKVCache, SinkKVCache
+from .varlen import varlen_sliding_window_attention
 from .longformer import LongformerAttentionConfig, LongformerSelfAttention
 from .schedule import WindowSchedule, receptive_field_support, schedule_reach
 
@@ -38,6 +39,7 @@ __all__ = [
     "RollingKVCache",
     "SinkKVCache",
     "sliding_window_attention",
+    "varlen_sliding_window_attention",
     "window_mask",
     "AttentionPattern",
     "make_pattern",

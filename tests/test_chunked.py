@@ -117,3 +117,53 @@ def test_property_equals_dense(n, n_q, left, right, make_qkv):
     out = swa_lib.sliding_window_attention(q, k, v, (left, right), backend=BACKEND)
     ref = swa_lib.sliding_window_attention(q, k, v, (left, right), backend="dense")
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_skewed_halves_are_the_skew_read_in_place():
+    """The strided views of the inference path hold exactly what skew + band_from_chunks
+    assemble (the band of the dense scores), with no copy."""
+    from swa_lib.backends.chunked_slabs import skewed_halves
+
+    w, n = 3, 18
+    q, k = torch.randn(1, n, 4, dtype=torch.float64), torch.randn(1, n, 4, dtype=torch.float64)
+    scores = chunk(q, w) @ chunk(k, w).transpose(-1, -2)  # (1, C, 2w, 2w), C = n / w - 1
+    band = band_from_chunks(skew(scores, w), w)[0]  # (n, 2w + 1)
+    blocks = scores.shape[1] - 1  # blocks 1 .. C - 1 have both chunks they read from
+    left, right = skewed_halves(scores[0].contiguous(), w, blocks)
+    inner = band[w : (blocks + 1) * w].view(blocks, w, 2 * w + 1)
+    assert torch.equal(left, inner[:, :, :w]) and torch.equal(right, inner[:, :, w:])
+
+
+@pytest.fixture
+def shared_work(monkeypatch):
+    """Small pieces shared among three workers (the path of long sequences on many cores)."""
+    from swa_lib.backends import bands
+
+    monkeypatch.setattr(bands, "SLAB_SCORES", 16)
+    monkeypatch.setattr("swa_lib.backends.chunked_slabs.SLAB_SCORES", 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("n, n_q, window, h_kv, d_v", [
+    (97, 97, (5, 3), 2, 3),
+    (113, 40, (0, 17), 1, 5),
+    (50, 50, (60, 60), 4, 4),
+    (64, 1, (8, 0), 2, 4),
+    (48, 48, (4, 4), 4, 2),
+])
+def test_inference_path_equals_the_step_by_step_one(n, n_q, window, h_kv, d_v, shared, make_qkv, request):
+    """Without gradients chunked_band_attention runs slab by slab (chunked_slabs); with them,
+    one step per function under autograd. Both give the same out and lse."""
+    if shared:
+        request.getfixturevalue("shared_work")
+    q, k, v = make_qkv(2, 4, n, 6, h_kv=h_kv, n_q=n_q, d_v=d_v, seed=n, requires_grad=True)
+    out, lse = chunked_band_attention(q, k, v, *window, 0.4)  # autograd path
+    assert out.requires_grad
+    with torch.no_grad():
+        fast_out, fast_lse = chunked_band_attention(q, k, v, *window, 0.4)
+    torch.testing.assert_close(fast_out, out.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast_lse, lse.detach(), rtol=1e-12, atol=1e-12)

@@ -115,6 +115,9 @@ def test_chapter_notebook_conventions(path):
     assert not any(o.get("output_type") == "error" for c in code_cells for o in c.get("outputs", []))
     for cell in code_cells:  # readers see comments: nbval is steered by cell tags only
         assert "NBVAL_" not in cell.source, cell.source.splitlines()[0]
+    # 88 columns fit the page column at 1280 px (the browser test measures it; this finds it fast)
+    wide = [line for c in code_cells for line in c.source.splitlines() if len(line) > 88]
+    assert not wide, f"code lines over 88 columns scroll sideways on the page: {wide}"
     _assert_reader_words(path.name, [c.source for c in nb.cells]
                          + [o.get("text", "") for c in code_cells for o in c.get("outputs", [])])
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")

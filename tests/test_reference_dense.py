@@ -128,7 +128,9 @@ def test_non_contiguous_inputs(make_qkv):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_error_is_within_pytorch_own(dtype, make_qkv):
-    """The book's tolerance rule (AUTHORING.md): at most 2x the error PyTorch's SDPA makes in the same dtype."""
+    """The book's tolerance rule (AUTHORING.md): at most 2x the error PyTorch's SDPA makes in the
+    same dtype, plus 4 units in the last place of the output's magnitude (one element rounded the
+    other way on another CPU must not fail the test)."""
     q, k, v = make_qkv(1, 2, 64, 32, seed=10)
     window = (8, 8)
     exact = sdpa_peer(q, k, v, window)
@@ -138,7 +140,8 @@ def test_low_precision_error_is_within_pytorch_own(dtype, make_qkv):
     assert ours.dtype == torch.float64
     err_ours = (ours - exact).abs().max().item()
     err_torch = (theirs - exact).abs().max().item()
-    assert err_ours <= 2 * err_torch + 1e-7, (err_ours, err_torch)
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert err_ours <= 2 * err_torch + 4 * ulp, (err_ours, err_torch, ulp)
 
 
 # -- properties ---------------------------------------------------------------------------

@@ -9,26 +9,30 @@ rows. The keys any row of block ``t`` may see lie in one contiguous band of
 (:mod:`swa_lib.backends.chunked`).
 
 Picture for ``Bq = 2``, window ``(1, 1)``: block 0 holds queries 0-1, its band is keys -1..2
-(key -1 is padding, masked), block 1 holds queries 2-3 and its band is keys 1..4::
+(key -1 does not exist: masked), block 1 holds queries 2-3 and its band is keys 1..4::
 
     keys:     -1  0  1  2  3  4  5
     block 0:  [p  x  x  x]             row 0 sees keys -1..1, row 1 sees 0..2
     block 1:        [x  x  x  x]       bands overlap by left + right keys
     block 2:              [x  x  x  x]
 
-The bands of consecutive blocks start ``Bq`` keys apart, so after padding the keys they are
-one strided view ``(num_blocks, L, D)`` with block stride ``Bq * D`` (``as_strided``, no copy),
-and ``torch.bmm`` multiplies all blocks of a slab at once. Inside a band the window is the same
-for every block (row ``r`` sees band columns ``r .. r + left + right``), so one ``(Bq, L)``
-mask serves all blocks; only the few blocks whose band sticks out of the sequence get their
-own mask.
+The bands of consecutive blocks start ``Bq`` keys apart, so they are one strided view of the
+keys (:func:`~swa_lib.backends.bands.band_view`, no copy), and ``torch.baddbmm`` multiplies a
+whole *slab* of blocks at once, with the one band mask all interior blocks share riding along
+as the product's additive input. Only the few blocks at the ends of the sequence are copied
+and masked exactly (:mod:`swa_lib.backends.bands` has the geometry).
+
+Work sharing: the slabs of all heads are independent pieces, run by
+:func:`~swa_lib.backends.workers.run_pieces` on every thread, each piece single-threaded, so
+that one attention call is not hundreds of parallel regions that all wait for the slowest
+thread (which, on a machine with other programs running, may not be running at all).
 
 Backward is a ``torch.autograd.Function`` in the FlashAttention style: the forward keeps only
-the (padded) inputs and the output, and the backward recomputes the probabilities one slab at
-a time. The key and value gradients of overlapping bands are folded back with
-``ceil(L / Bq)`` shifted additions. Nothing of size ``(N, N)`` is ever built:
-memory is O(N * D) for the padded copies plus O(slab) working space, where a slab holds about
-``2**20`` scores.
+the inputs and the output, and the backward recomputes the probabilities one slab at a time.
+A piece of the backward is a run of slabs of one key/value head; it folds the key and value
+gradients of its overlapping bands into its own buffer, and the buffers are added up in a
+fixed order at the end, so gradients do not depend on which thread ran what. Nothing of size
+``(N, N)`` is ever built: memory is O(N * D) plus a slab of scores per thread.
 
 Dilation and global tokens are not handled here; :mod:`swa_lib.backends.extensions` builds them on top
 of the plain band (:func:`band_attention`), which also returns the log-sum-exp for that reason.
@@ -39,165 +43,98 @@ float16/bfloat16 computed in float32; grouped-query attention; fewer queries tha
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from .bands import DEFAULT_BLOCK_SIZE, Plan, band_view, fold, make_plan, padded_rows, rows_view
 from .common import check_backend_args, check_band_args, compute_dtype, empty_output, refuse_double_backward
+from .workers import run_pieces, worker_count
 from ..masks import AttentionPattern, check_int
 
 __all__ = ["blocked_attention", "band_attention", "DEFAULT_BLOCK_SIZE"]
 
-#: Query rows per block. 64 keeps the band waste near 10% for windows of a few hundred keys
-#: while each product is still large enough for an efficient GEMM.
-DEFAULT_BLOCK_SIZE = 64
-#: Scores held at once (one slab of blocks), about 4 MiB in float32.
-SLAB_SCORES = 1 << 20
+#: Below this many scores per call the pieces run on the calling thread (waking workers would
+#: cost more than they save).
+SHARE_SCORES = 1 << 17
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """Geometry of one call: how queries are blocked and where each block's band lies."""
-
-    n_q: int
-    n_k: int
-    left: int  # clipped to what can matter
-    right: int
-    block: int  # Bq
-    num_blocks: int  # ceil(n_q / Bq)
-    band: int  # L, keys per band
-    stride: int  # first key of band t+1 minus first key of band t: Bq, or 0 when every band is all keys
-    shift: int  # padded key index = key position + shift
-    padded_keys: int  # length of the padded key sequence
-    slab: int  # blocks per slab
-
-    @property
-    def offset(self) -> int:
-        return self.n_k - self.n_q  # queries are the last n_q positions
+def _buffer(scratch: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A worker's buffer ``name`` of at least ``shape``'s size, reused across its pieces
+    (fresh large allocations cost page faults)."""
+    size = 1
+    for s in shape:
+        size *= s
+    buf = scratch.get(name)
+    if buf is None or buf.numel() < size or buf.dtype != like.dtype:
+        buf = scratch[name] = like.new_empty(size)
+    return buf[:size].view(shape)
 
 
-def _plan(n_q: int, n_k: int, left: int, right: int, block: Optional[int]) -> _Plan:
-    offset = n_k - n_q
-    left = min(left, n_k - 1)  # the last query (position n_k - 1) reaches key 0 with n_k - 1
-    right = min(right, n_k - 1 - offset)  # the first query (position offset) reaches n_k - 1
-    if block is None:
-        block = DEFAULT_BLOCK_SIZE
-    block = max(1, min(block, n_q))
-    num_blocks = -(-n_q // block)
-    band = block + left + right
-    if band >= n_k:
-        # The band would cover the whole sequence: let every block see all keys (stride 0).
-        band, stride, shift = n_k, 0, 0
-        padded_keys = n_k
-    else:
-        stride = block
-        # Band t starts at key position offset + t * Bq - left, i.e. padded index t * Bq.
-        shift = left - offset
-        padded_keys = (num_blocks - 1) * block + band
-    slab = max(1, SLAB_SCORES // (block * band))
-    return _Plan(n_q, n_k, left, right, block, num_blocks, band, stride, shift, padded_keys, slab)
+class _Call:
+    """One call's tensors (compute dtype, last dim contiguous), its plan and its edge masks."""
 
+    def __init__(self, q, k, v, left: int, right: int, scale: float, block: Optional[int]):
+        cdt = compute_dtype(q.dtype)
+        self.q, self.k, self.v = (x.detach().to(cdt) for x in (q, k, v))
+        self.q, self.k, self.v = (x if x.stride(-1) == 1 else x.contiguous() for x in (self.q, self.k, self.v))
+        self.batch, self.heads, self.n_q, self.d = q.shape
+        self.heads_kv, self.d_v = k.shape[1], v.shape[3]
+        self.group = self.heads // self.heads_kv
+        self.scale = scale
+        self.plan: Plan = make_plan(self.n_q, k.shape[2], left, right, block)
+        self.static = self.plan.static_mask(q.device, cdt)
+        # the exact masks of the few edge blocks, shared by all heads (with stride 0 every block
+        # needs one: made when used, so that no O(N_q * N_k) set of masks is ever held)
+        self.masks = {} if not self.plan.stride else {
+            i: [(a - t0, b - t0, self.plan.exact_mask(a, b, q.device)) for a, b in self.plan.edges(t0, t1)]
+            for i, (t0, t1) in enumerate(self.plan.segments)}
+        work = self.batch * self.heads * self.plan.num_blocks * self.plan.block * self.plan.band
+        self.share = work >= SHARE_SCORES
 
-def _allowed(plan: _Plan, blocks: torch.Tensor, device) -> torch.Tensor:
-    """Exact mask ``(len(blocks), Bq, L)`` for the given query blocks (True = may attend).
-
-    Padding rows (past the last query) are left fully visible so that they stay finite; their
-    output is discarded.
-    """
-    r = torch.arange(plan.block, device=device)
-    c = torch.arange(plan.band, device=device)
-    row = blocks[:, None] * plan.block + r[None, :]  # (nb, Bq): query row index
-    i = plan.offset + row  # query position
-    if plan.stride:
-        j = blocks[:, None] * plan.stride - plan.shift + c[None, :]  # (nb, L): key position
-    else:
-        j = c[None, :].expand(len(blocks), -1)
-    i, j = i[:, :, None], j[:, None, :]
-    ok = (j >= i - plan.left) & (j <= i + plan.right) & (j >= 0) & (j < plan.n_k)
-    return ok | (row >= plan.n_q)[:, :, None]
-
-
-class _Masks:
-    """The masks of one call: a shared additive band mask plus exact masks for edge blocks."""
-
-    def __init__(self, plan: _Plan, device, dtype):
-        self.plan = plan
+    def inputs(self, b: int, h: int, seg: int, extra=()):
+        """Queries ``(ns, Bq, D)`` of head ``h`` in slab ``seg``, key and value bands
+        ``(ns, L, D)`` of its key/value head, any ``extra`` per-query tensors ``(N_q, ...)`` of
+        that head as ``(ns, Bq, ...)``, and the exact masks of its edge blocks. Views,
+        or zero-padded copies of the few rows a slab reads past either end."""
+        plan, hk = self.plan, h // self.group
+        t0, t1 = plan.segments[seg]
+        ns = t1 - t0
+        k, v = self.k[b, hk], self.v[b, hk]
         if plan.stride:
-            r = torch.arange(plan.block, device=device)[:, None]
-            c = torch.arange(plan.band, device=device)[None, :]
-            inside = (c >= r) & (c <= r + plan.left + plan.right)  # (Bq, L), same for all blocks
-            self.static = torch.zeros(plan.block, plan.band, device=device, dtype=dtype)
-            self.static.masked_fill_(~inside, float("-inf"))
-            t = torch.arange(plan.num_blocks)
-            first_key = t * plan.stride - plan.shift
-            edge = (first_key < 0) | (first_key + plan.band > plan.n_k) | ((t + 1) * plan.block > plan.n_q)
-            edges = t[edge]
+            first, count = plan.first_key(t0), (ns - 1) * plan.block + plan.band
+            k, v = padded_rows(k, first, count), padded_rows(v, first, count)
+        blocks = [rows_view(padded_rows(x, t0 * plan.block, ns * plan.block), plan, ns)
+                  for x in (self.q[b, h], *extra)]
+        masks = self.masks[seg] if plan.stride else [(0, ns, plan.exact_mask(t0, t1, k.device))]
+        return (blocks[0], band_view(k, plan, ns), band_view(v, plan, ns), *blocks[1:], masks)
+
+    def scores(self, qb, kb, masks: list, out: torch.Tensor) -> torch.Tensor:
+        """Masked scores ``(ns, Bq, L)``: ``scale * q k^T`` plus the band mask, and the exact
+        masks ``[(a, b, mask)]`` of the slab's edge blocks ``a .. b - 1`` on top."""
+        if self.static is not None:  # the shared band mask rides along in the product
+            torch.baddbmm(self.static.expand(qb.shape[0], -1, -1), qb, kb.transpose(1, 2),
+                          alpha=self.scale, out=out)
         else:
-            self.static = None
-            edges = torch.arange(plan.num_blocks)
-        self.edges = edges.tolist()
-        self._cache: dict = {}
-        self.device = device
+            out.baddbmm_(qb, kb.transpose(1, 2), beta=0, alpha=self.scale)
+        for a, b, mask in masks:
+            out[a:b].masked_fill_(~mask, float("-inf"))
+        return out
 
-    def slab_edges(self, t0: int, t1: int):
-        """(local indices, masks) of the edge blocks in blocks [t0, t1), or None."""
-        key = (t0, t1)
-        if key not in self._cache:
-            blocks = [t for t in self.edges if t0 <= t < t1]
-            if not blocks:
-                self._cache[key] = None
-            else:
-                b = torch.tensor(blocks, device=self.device)
-                self._cache[key] = (b - t0, ~_allowed(self.plan, b, self.device))
-        return self._cache[key]
+    def rows(self, dest: torch.Tensor, seg: int, scratch: dict, name: str, width: int) -> torch.Tensor:
+        """Where slab ``seg`` writes its per-row results ``(ns, Bq, width)`` for ``dest (N_q,
+        width)``: a view of ``dest`` for whole blocks, else a worker buffer (see :meth:`store`)."""
+        t0, t1 = self.plan.segments[seg]
+        if t1 * self.plan.block <= self.n_q:
+            return rows_view(dest[t0 * self.plan.block : t1 * self.plan.block], self.plan, t1 - t0)
+        return _buffer(scratch, name, (t1 - t0, self.plan.block, width), dest)
 
-    def scores(self, q_blocks, k_bands, t0: int, t1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Masked scores ``q_blocks @ k_bands^T`` of blocks [t0, t1): ``(ns, Bq, L)``.
-
-        The shared band mask rides along in the product (``baddbmm`` with the additive mask as
-        its input), so it costs no extra pass over the scores.
-        """
-        if self.static is not None:
-            s = torch.baddbmm(self.static.expand(t1 - t0, -1, -1), q_blocks, k_bands.transpose(1, 2), out=out)
-        else:
-            s = torch.bmm(q_blocks, k_bands.transpose(1, 2), out=out)
-        self.apply(s, t0, t1, static=False)
-        return s
-
-    def apply(self, scores: torch.Tensor, t0: int, t1: int, static: bool = True) -> None:
-        """Mask the scores ``(t1 - t0, Bq, L)`` of blocks [t0, t1) in place."""
-        if static and self.static is not None:
-            scores.add_(self.static)
-        edges = self.slab_edges(t0, t1)
-        if edges is not None:
-            idx, hidden = edges
-            scores[idx] = scores[idx].masked_fill(hidden, float("-inf"))
-
-
-def _band_view(x: torch.Tensor, plan: _Plan, t0: int, t1: int) -> torch.Tensor:
-    """Bands of blocks [t0, t1) of a contiguous padded ``(padded_keys, D)`` sequence: a view."""
-    d = x.shape[-1]
-    return x.as_strided(
-        (t1 - t0, plan.band, d), (plan.stride * d, d, 1), x.storage_offset() + t0 * plan.stride * d
-    )
-
-
-def _pad_keys(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """(B, H_kv, n_k, D) -> (B, H_kv, padded_keys, D): key j at index j + shift (negative pads crop)."""
-    if plan.stride == 0:
-        return x.contiguous()
-    back = plan.padded_keys - plan.shift - plan.n_k
-    return F.pad(x, (0, 0, plan.shift, back)).contiguous()
-
-
-def _unpad_keys(g: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Inverse of :func:`_pad_keys` for gradients (cropped keys get zero gradient)."""
-    if plan.stride == 0:
-        return g
-    return F.pad(g, (0, 0, -plan.shift, plan.n_k + plan.shift - plan.padded_keys))
+    def store(self, dest: torch.Tensor, seg: int, value: torch.Tensor) -> None:
+        """Copy the real rows of ``value`` to ``dest`` unless :meth:`rows` gave a view of it."""
+        t0, t1 = self.plan.segments[seg]
+        lo, hi = t0 * self.plan.block, min(t1 * self.plan.block, self.n_q)
+        if t1 * self.plan.block > self.n_q:
+            dest[lo:hi] = value.flatten(0, 1)[: hi - lo]
 
 
 class _BandFunction(torch.autograd.Function):
@@ -205,43 +142,32 @@ class _BandFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, left: int, right: int, scale: float, block: Optional[int], with_lse: bool):
-        batch, heads, n_q, _ = q.shape
-        heads_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]
-        group = heads // heads_kv
-        cdt = compute_dtype(q.dtype)
-        plan = _plan(n_q, n_k, left, right, block)
-        masks = _Masks(plan, q.device, cdt)
-        nb, bq = plan.num_blocks, plan.block
-        # Queries, scaled once and padded to whole blocks: (B, H, nb, Bq, D).
-        qs = F.pad(q.to(cdt), (0, 0, 0, nb * bq - n_q)).mul_(scale).reshape(batch, heads, nb, bq, -1)
-        kp, vp = _pad_keys(k.to(cdt), plan), _pad_keys(v.to(cdt), plan)  # (B, H_kv, padded_keys, D)
-        out = torch.empty(batch, heads, nb, bq, d_v, dtype=cdt, device=q.device)
-        lse = torch.empty(batch, heads, nb, bq, dtype=cdt, device=q.device) if with_lse else None
-        # Two slab buffers reused for every slab (fresh large allocations cost page faults).
-        ns_max = min(plan.slab, nb)
-        s_buf = torch.empty(ns_max, bq, plan.band, dtype=cdt, device=q.device)
-        p_buf = torch.empty_like(s_buf)
-        for b in range(batch):
-            for h in range(heads):
-                kh, vh = kp[b, h // group], vp[b, h // group]
-                for t0 in range(0, nb, plan.slab):
-                    t1 = min(nb, t0 + plan.slab)
-                    kb, vb = _band_view(kh, plan, t0, t1), _band_view(vh, plan, t0, t1)  # (ns, L, D)
-                    s, p = s_buf[: t1 - t0], p_buf[: t1 - t0]
-                    masks.scores(qs[b, h, t0:t1], kb, t0, t1, out=s)  # masked scores (ns, Bq, L)
-                    # Every row sees at least one key, so the softmax is finite. (softmax is
-                    # fused and fast on -inf; exp_ of -inf or of large negatives is not.)
-                    torch.ops.aten._softmax.out(s, -1, False, out=p)
-                    torch.bmm(p, vb, out=out[b, h, t0:t1])
-                    if with_lse:  # lse = S_max - log P_max: P at the arg max is exp(S_max - lse)
-                        lse[b, h, t0:t1] = s.amax(-1) - torch.log(p.amax(-1))
-        ctx.save_for_backward(qs, kp, vp, out)
-        ctx.plan, ctx.masks, ctx.scale, ctx.group = plan, masks, scale, group
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        call = _Call(q, k, v, left, right, scale, block)
+        plan, segs = call.plan, call.plan.segments
+        out = torch.empty(call.batch, call.heads, call.n_q, call.d_v, dtype=call.q.dtype, device=q.device)
+        lse = torch.empty(call.batch, call.heads, call.n_q, 1, dtype=out.dtype, device=q.device) if with_lse else None
+
+        def piece(i: int, scratch: dict) -> None:
+            bh, seg = divmod(i, len(segs))
+            b, h = divmod(bh, call.heads)
+            qb, kb, vb, mask = call.inputs(b, h, seg)
+            s = call.scores(qb, kb, mask, _buffer(scratch, "s", (qb.shape[0], plan.block, plan.band), out))
+            p = _buffer(scratch, "p", s.shape, out)
+            torch.ops.aten._softmax.out(s, -1, False, out=p)  # every row sees a key: finite
+            o = torch.bmm(p, vb, out=call.rows(out[b, h], seg, scratch, "o", call.d_v))
+            call.store(out[b, h], seg, o)
+            if with_lse:  # lse = S_max - log P_max: P at the arg max is exp(S_max - lse)
+                m = call.rows(lse[b, h], seg, scratch, "m", 1)
+                torch.sub(s.amax(-1, keepdim=True), p.amax(-1, keepdim=True).log_(), out=m)
+                call.store(lse[b, h], seg, m)
+
+        run_pieces(call.batch * call.heads * len(segs), piece, share=call.share)
+        ctx.save_for_backward(call.q, call.k, call.v, out)
+        call.q = call.k = call.v = None  # kept as saved tensors only
+        ctx.call, ctx.dtypes = call, (q.dtype, k.dtype, v.dtype)
         ctx.set_materialize_grads(False)
-        out = out.reshape(batch, heads, nb * bq, d_v)[:, :, :n_q]
         if with_lse:
-            lse = lse.reshape(batch, heads, nb * bq)[:, :, :n_q]
+            lse = lse[..., 0]
         else:
             lse = out.new_empty(0)
             ctx.mark_non_differentiable(lse)
@@ -250,67 +176,71 @@ class _BandFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):
         refuse_double_backward("blocked")
-        qs, kp, vp, out = ctx.saved_tensors
-        plan, masks, scale, group = ctx.plan, ctx.masks, ctx.scale, ctx.group
-        batch, heads, nb, bq, d = qs.shape
-        heads_kv, d_v = kp.shape[1], vp.shape[3]
-        cdt = qs.dtype
-        pad_q = nb * bq - plan.n_q
+        q, k, v, out = ctx.saved_tensors
+        call: _Call = ctx.call
+        call.q, call.k, call.v = q, k, v  # the saved tensors (the call held them for the forward)
+        plan, segs = call.plan, call.plan.segments
         if d_out is None:
-            d_out = out.new_zeros(batch, heads, nb, bq, d_v)
-        else:
-            d_out = F.pad(d_out.to(cdt), (0, 0, 0, pad_q)).reshape(batch, heads, nb, bq, d_v)
+            d_out = torch.zeros_like(out)
+        d_out = d_out.to(q.dtype)
+        d_out = d_out if d_out.stride(-1) == 1 else d_out.contiguous()
         # delta_i = sum_t P_it dP_it = dO_i . O_i, minus the gradient arriving through lse_i.
-        delta = (d_out * out).sum(-1)  # (B, H, nb, Bq)
+        delta = (d_out * out).sum(-1, keepdim=True)  # (B, H, N_q, 1)
         if d_lse is not None and d_lse.numel():
-            delta = delta - F.pad(d_lse.to(cdt), (0, pad_q)).reshape(batch, heads, nb, bq)
-        dq = torch.empty_like(qs)
-        if plan.stride:
-            segments = -(-plan.band // bq)  # each band is this many key blocks (last one partial)
-            acc_len = (nb - 1 + segments) * bq
-        else:
-            segments, acc_len = 0, plan.n_k
-        dk = kp.new_zeros(batch, heads_kv, acc_len, d)
-        dv = vp.new_zeros(batch, heads_kv, acc_len, d_v)
-        for b in range(batch):
-            for h in range(heads):
-                hk = h // group
-                kh, vh = kp[b, hk], vp[b, hk]
-                for t0 in range(0, nb, plan.slab):
-                    t1 = min(nb, t0 + plan.slab)
-                    kb, vb = _band_view(kh, plan, t0, t1), _band_view(vh, plan, t0, t1)
-                    qb, dob = qs[b, h, t0:t1], d_out[b, h, t0:t1]  # (ns, Bq, D), (ns, Bq, Dv)
-                    s = masks.scores(qb, kb, t0, t1)  # recompute the masked scores (ns, Bq, L)
-                    p = torch.softmax(s, dim=-1)  # the forward's probabilities (ns, Bq, L)
-                    dv_band = torch.bmm(p.transpose(1, 2), dob)  # (ns, L, Dv)
-                    ds = torch.bmm(dob, vb.transpose(1, 2))  # dP (ns, Bq, L)
-                    ds.sub_(delta[b, h, t0:t1, :, None]).mul_(p)  # dS = P * (dP - delta)
-                    torch.bmm(ds, kb, out=dq[b, h, t0:t1])
-                    dk_band = torch.bmm(ds.transpose(1, 2), qb)  # (ns, L, D)
-                    _fold(dk[b, hk], dk_band, plan, t0, segments)
-                    _fold(dv[b, hk], dv_band, plan, t0, segments)
+            delta = delta - d_lse.to(q.dtype)[..., None]
+        dq = torch.empty_like(q)
+        kv_heads = call.batch * call.heads_kv
+        runs = _runs(len(segs), kv_heads, worker_count(len(segs) * kv_heads))
+        sums: list = [None] * (kv_heads * len(runs))
+
+        def piece(i: int, scratch: dict) -> None:
+            bk, r = divmod(i, len(runs))
+            b, hk = divmod(bk, call.heads_kv)
+            start = segs[runs[r][0]][0]  # the run's first block: its band starts the sums
+            rows = (segs[runs[r][-1]][1] - start - 1 + -(-plan.band // plan.block)) * plan.block
+            dk_sum = q.new_zeros(rows if plan.stride else plan.n_k, call.d)
+            dv_sum = q.new_zeros(dk_sum.shape[0], call.d_v)
+            for seg in runs[r]:
+                ns = segs[seg][1] - segs[seg][0]
+                dk_band = _buffer(scratch, "dk", (ns, plan.band, call.d), q)
+                dv_band = _buffer(scratch, "dv", (ns, plan.band, call.d_v), q)
+                for g in range(call.group):  # the query heads of this key/value head, in order
+                    h = hk * call.group + g
+                    qb, kb, vb, dob, deltab, mask = call.inputs(b, h, seg, extra=(d_out[b, h], delta[b, h]))
+                    s = call.scores(qb, kb, mask, _buffer(scratch, "s", (ns, plan.block, plan.band), q))
+                    p = _buffer(scratch, "p", s.shape, q)
+                    torch.ops.aten._softmax.out(s, -1, False, out=p)
+                    # dV_band = P^T dO; dS = P * (dP - delta) * scale with dP = dO V^T
+                    dv_band.baddbmm_(p.transpose(1, 2), dob, beta=min(g, 1))
+                    ds = torch.bmm(dob, vb.transpose(1, 2), out=s).sub_(deltab).mul_(p).mul_(call.scale)
+                    dqb = torch.bmm(ds, kb, out=call.rows(dq[b, h], seg, scratch, "dq", call.d))
+                    call.store(dq[b, h], seg, dqb)
+                    dk_band.baddbmm_(ds.transpose(1, 2), qb, beta=min(g, 1))
+                fold(dk_sum, dk_band, plan, segs[seg][0] - start)
+                fold(dv_sum, dv_band, plan, segs[seg][0] - start)
+            sums[i] = (plan.first_key(start), dk_sum, dv_sum)
+
+        run_pieces(len(sums), piece, share=call.share)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+
+        def add_up(bk: int, scratch: dict) -> None:  # in a fixed order: the same bits every run
+            b, hk = divmod(bk, call.heads_kv)
+            for first, dk_sum, dv_sum in sums[bk * len(runs) : (bk + 1) * len(runs)]:
+                lo, hi = max(first, 0), min(first + dk_sum.shape[0], plan.n_k)
+                dk[b, hk, lo:hi] += dk_sum[lo - first : hi - first]
+                dv[b, hk, lo:hi] += dv_sum[lo - first : hi - first]
+
+        run_pieces(kv_heads, add_up, share=call.share)
         q_dtype, k_dtype, v_dtype = ctx.dtypes
-        dq = dq.reshape(batch, heads, nb * bq, d)[:, :, : plan.n_q].mul_(scale)
-        dk = _unpad_keys(dk[:, :, : plan.padded_keys], plan)
-        dv = _unpad_keys(dv[:, :, : plan.padded_keys], plan)
         return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None, None, None
 
 
-def _fold(acc: torch.Tensor, band_grad: torch.Tensor, plan: _Plan, t0: int, segments: int) -> None:
-    """Add the gradients of overlapping bands ``(ns, L, D)`` into ``acc`` (padded keys, D).
-
-    Band ``t`` covers padded keys ``[t * Bq, t * Bq + L)``: cut it into ``segments`` pieces of
-    ``Bq`` keys; piece ``s`` of every band in the slab lands on key block ``t + s``, so one
-    addition per piece handles the whole slab.
-    """
-    if plan.stride == 0:
-        acc += band_grad.sum(0)  # every band is the whole sequence
-        return
-    bq, ns = plan.block, band_grad.shape[0]
-    blocks = acc.view(-1, bq, acc.shape[-1])  # (acc_len / Bq, Bq, D)
-    for s in range(segments):
-        lo, hi = s * bq, min((s + 1) * bq, plan.band)
-        blocks[t0 + s : t0 + s + ns, : hi - lo] += band_grad[:, lo:hi]
+def _runs(count: int, kv_heads: int, workers: int) -> list:
+    """Cut the slabs ``0 .. count - 1`` of one key/value head into runs of consecutive slabs
+    (the pieces of the backward): about four runs per worker over all ``kv_heads``."""
+    per_head = min(count, max(1, -(-4 * workers // kv_heads)))
+    size = -(-count // per_head)
+    return [list(range(i, min(count, i + size))) for i in range(0, count, size)]
 
 
 def band_attention(
@@ -367,8 +297,9 @@ def blocked_attention(
     """The ``"blocked"`` backend: ``fn(q, k, v, pattern, scale) -> out``, shapes as in
     :func:`swa_lib.sliding_window_attention`, arguments checked as it checks them.
 
-    Time O(B * H * N_q * (Bq + left + right) * D), memory O(N * D) plus one slab of scores.
-    Patterns with dilation, global tokens or sinks go through :mod:`swa_lib.backends.extensions`.
+    Time O(B * H * N_q * (Bq + left + right) * D), memory O(N * D) plus one slab of scores per
+    thread. Patterns with dilation, global tokens or sinks go through
+    :mod:`swa_lib.backends.extensions`.
     """
     pattern, scale = check_backend_args(q, k, v, pattern, scale)
     empty = empty_output(q, k, v)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .chunked_slabs import chunked_band_inference
 from .common import check_backend_args, check_band_args, compute_dtype, empty_output
 from .dense import expand_kv
 from ..masks import AttentionPattern
@@ -176,6 +177,10 @@ def _chunked_band(q, k, v, left: int, right: int, scale: float):
     n_k, d_v = k.shape[2], v.shape[3]
     if 0 in (batch, heads, n_q):  # no rows (with D_v of 0 the rows' lse is still computed)
         return empty_output(q, k, v), q.new_zeros(batch, heads, n_q, dtype=compute_dtype(q.dtype))
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        # inference: the same steps slab by slab, the skews as strided copies (no autograd)
+        out, lse = chunked_band_inference(q, k, v, left, right, scale)
+        return out.to(q.dtype), lse
     offset = n_k - n_q
     left, right = min(left, n_k - 1), min(right, n_k - 1)
     w = max(left, right, 1)

@@ -365,3 +365,22 @@ def plot_history(history: list, ax=None):
     ax.set_ylabel("loss (nats per byte)")
     ax.set_title("training the demo model")
     return fig
+
+
+def cpu_bench_figure(data: dict, window=(256, 256)):
+    """Forward time against n at each thread count of a stored CPU benchmark (``cpu_bench.json``,
+    written by ``benchmarks/cpu.py``): one panel per thread count, one curve per peer."""
+    rows = [r for r in data["rows"] if r["direction"] == "forward" and r["load"] == 0
+            and tuple(r["window"]) == tuple(window) and r["n"] >= 1024]
+    threads = sorted({r["threads"] for r in rows})
+    cols = max(len(threads), 1)
+    fig, axes = new_figure(ncols=cols, width=COLUMN_WIDTH / cols, height=4.6, sharey=True)
+    for ax, t in zip(np.atleast_1d(axes).ravel(), threads):
+        sel = [r for r in rows if r["threads"] == t]
+        ns = sorted({r["n"] for r in sel})
+        ms = {(r["n"], r["peer"]): r["time_s"] * 1e3 for r in sel}
+        series = {p: [ms.get((n, p)) for n in ns] for p in data["config"]["peers"] if any((n, p) in ms for n in ns)}
+        plot_scaling(ns, series, ax=ax, ylabel="forward time (ms)", title=f"{t} thread{'s' * (t > 1)}")
+    fig.suptitle(f"{data['machine']['cpu']}: window {tuple(window)}, fp32, B=1, H=4, D=64", fontsize=_MIN_FONT + 1)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,72 @@
+"""What global tokens and dilation cost on the CPU backends (``benchmarks/cpu.py --extensions``).
+
+At n = 16384, fp32, B=1, H=4, D=64, forward: the plain window (256, 256), the same with 16
+global tokens spread over the sequence, and dilation 2 on the window (512, 512) (as many keys
+per query as the plain window). Chapters 6 and 7 print the ratios (``swa_lib.lab.report.
+extension_costs``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+import swa_lib
+from swa_lib.lab import results
+from swa_lib.lab.cost import peak_memory
+
+B, H, D = 1, 4, 64
+
+
+def _load_average() -> list:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def run_extensions(n: int, repeats: int, backends=("blocked", "chunked")) -> dict:
+    """The rows and the ratios to the plain window, with the machine that made them."""
+    info = dict(results.machine(), load_average_start=_load_average())
+    print(f"# extensions, {info['torch_threads']} thread(s), load average {info['load_average_start']}", flush=True)
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(B, H, n, D, generator=gen) for _ in range(3))
+    glob = torch.linspace(0, n - 1, 16).long()  # 16 global tokens spread over the sequence
+    cases = [
+        ("plain (256,256)", (256, 256), {}),
+        ("+16 global tokens", (256, 256), dict(global_tokens=glob)),
+        ("dilation 2, (512,512)", (512, 512), dict(dilation=2)),
+    ]
+    rows = []
+    for backend in backends:
+        for label, window, kwargs in cases:
+            def fn():
+                return swa_lib.sliding_window_attention(q, k, v, window, backend=backend, **kwargs)
+
+            times, peaks = [], [0]
+
+            def timed():
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0, time.process_time() - c0))
+
+            with torch.no_grad():
+                fn()
+                for _ in range(repeats):
+                    peaks.append(peak_memory(timed) or 0)
+            seconds, cpu = min(times)
+            reach = window[0] + window[1] + 1
+            rows.append(dict(peer=backend, case=label, window=list(window), n=n, time_s=seconds, cpu_s=cpu,
+                             reach=reach, peak_mib=max(peaks) / 2**20))
+            print(f"  {backend:8s} {label:24s} n={n}  {seconds * 1e3:9.1f} ms (cpu {cpu * 1e3:7.1f} ms)  "
+                  f"{max(peaks) / 2**20:7.1f} MiB", flush=True)
+    base = {r["peer"]: r for r in rows if r["case"].startswith("plain")}
+    ratios = {f"{r['peer']} {r['case']} / plain": dict(wall=round(r["time_s"] / base[r["peer"]]["time_s"], 2),
+                                                       cpu=round(r["cpu_s"] / base[r["peer"]]["cpu_s"], 2))
+              for r in rows if not r["case"].startswith("plain")}
+    print("ratios:", json.dumps(ratios, indent=1))
+    return dict(machine=info, load_average_end=_load_average(), rows=rows, ratios=ratios,
+                malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))

@@ -110,12 +110,34 @@ def _test_env() -> dict:
     return env
 
 
+def _pytest_command(paths: list[str], extra: list[str]) -> list[str]:
+    return [str(PY), "-m", "pytest", *paths,
+            "--nbval", "--nbval-current-env", "--nbval-sanitize-with", "book/nbval_sanitize.cfg",
+            "-p", "no:cacheprovider", *extra]
+
+
 def _pytest(paths: list[str], extra: list[str], env: dict) -> int:
-    return run(
-        str(PY), "-m", "pytest", *paths,
-        "--nbval", "--nbval-current-env", "--nbval-sanitize-with", "book/nbval_sanitize.cfg",
-        "-p", "no:cacheprovider", *extra, env=env,
-    )
+    return run(*_pytest_command(paths, extra), env=env)
+
+
+def _pytest_in_parallel(groups: list[list[str]], extra: list[str], env: dict) -> int:
+    """One pytest process per group at once (each one-threaded), their output printed in turn."""
+    import tempfile
+
+    procs = []
+    for paths in groups:
+        log = tempfile.TemporaryFile(mode="w+")
+        cmd = _pytest_command(paths, extra)
+        print("+", " ".join(cmd), "&", flush=True)
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    status = 0
+    for proc, log in procs:
+        rc = proc.wait()
+        log.seek(0)
+        sys.stdout.write(log.read())
+        sys.stdout.flush()
+        status = status or rc
+    return status
 
 
 def test(extra: list[str]) -> int:
@@ -131,11 +153,15 @@ def test(extra: list[str]) -> int:
 
 
 def portability(extra: list[str]) -> int:
-    """The chapters and the retrained findings once more, on another numerical code path."""
+    """The chapters and the retrained findings once more, on another numerical code path.
+
+    Everything here runs on one thread (OTHER_NUMERICS), so two pytest processes share the
+    work: the tests (mostly retraining the sinks demo) in one, the chapters in the other, which
+    take about as long."""
     ensure_venv()
     env = dict(_test_env(), **OTHER_NUMERICS)
     print("numerics:", " ".join(f"{k}={v}" for k, v in OTHER_NUMERICS.items()), flush=True)
-    return _pytest([*PORTABILITY_TESTS, *checkable_chapters()], extra, env)
+    return _pytest_in_parallel([PORTABILITY_TESTS, checkable_chapters()], extra, env)
 
 
 def execute(paths: list[str]) -> int:

@@ -104,6 +104,7 @@ def shared_work(monkeypatch):
 
     monkeypatch.setattr(blocked, "SHARE_SCORES", 0)
     monkeypatch.setattr(bands, "SLAB_SCORES", 64)
+    monkeypatch.setattr(blocked, "FUSED_SLAB_SCORES", 64)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     yield
@@ -116,11 +117,18 @@ def shared_work(monkeypatch):
     (50, 50, (60, 60), 4, 4),    # bands longer than the sequence: every block sees all keys
     (64, 1, (8, 0), 2, 4),       # one-token decode
 ])
-def test_shared_work_equals_dense_and_is_deterministic(n, n_q, window, h_kv, d_v, make_qkv,
-                                                       assert_same_gradients, shared_work):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "step_by_step"])
+def test_shared_work_equals_dense_and_is_deterministic(n, n_q, window, h_kv, d_v, fused, make_qkv,
+                                                       assert_same_gradients, shared_work, monkeypatch):
     """Out, lse and all gradients equal dense attention when the pieces run on three workers,
+    on both slab paths (PyTorch's fused CPU kernel, where it applies, and the step-by-step one),
     and two runs give the same bits (the key/value gradients are added up in a fixed order)."""
-    from swa_lib.backends import workers
+    from swa_lib.backends import blocked, slabs, workers
+
+    if fused:
+        assert slabs.fused_available(torch.zeros(1, 1, dtype=torch.float64), 1)
+    else:
+        monkeypatch.setattr(blocked, "fused_available", lambda q, d_v: False)
 
     assert workers.worker_count(10) == 3
     q, k, v = make_qkv(2, 4, n, 6, h_kv=h_kv, n_q=n_q, d_v=d_v, seed=n, requires_grad=True)
@@ -128,13 +136,17 @@ def test_shared_work_equals_dense_and_is_deterministic(n, n_q, window, h_kv, d_v
     ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(*window), 0.4)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, dense_lse(q, k, window, 0.4), rtol=1e-12, atol=1e-12)
-    assert_same_gradients((out, lse), (ref, dense_lse(q, k, window, 0.4)), (q, k, v))
-    grads = []
+    assert_same_gradients((out, lse), (ref, dense_lse(q, k, window, 0.4)), (q, k, v))  # through lse
+    out, ref = band_attention(q, k, v, *window, 0.4, block_size=4)[0], swa_lib.dense_attention(
+        q, k, v, swa_lib.AttentionPattern(*window), 0.4)
+    assert_same_gradients((out,), (ref,), (q, k, v))  # out alone: the fused backward where it applies
+    runs = []  # three runs; in each, gradients through out and lse, and through out alone
     for _ in range(3):
         o, l_ = band_attention(q, k, v, *window, 0.4, block_size=4)
-        grads.append(torch.autograd.grad((o * 1.5).sum() + l_.sum(), (q, k, v)))
-    for g in grads[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(grads[0], g))
+        with_lse = torch.autograd.grad((o * 1.5).sum() + l_.sum(), (q, k, v), retain_graph=True)
+        runs.append((*with_lse, *torch.autograd.grad((o * o).sum(), (q, k, v))))
+    for grads in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], grads))
     assert torch.get_num_threads() == 3  # the caller's thread count is restored
 
 

@@ -111,7 +111,9 @@ def make_plan(n_q: int, n_k: int, left: int, right: int, block: Optional[int] = 
         t_hi = min(full_rows, (n_k - band - offset + left) // block + 1)
     t_hi = max(t_lo, t_hi)
     slab = max(1, (SLAB_SCORES if slab_scores is None else slab_scores) // (block * band))
-    segments = tuple((t0, min(num_blocks, t0 + slab)) for t0 in range(0, num_blocks, slab))
+    # slabs of edge blocks apart from slabs of interior ones: only the former need exact masks
+    segments = tuple((t0, min(hi, t0 + slab)) for lo, hi in ((0, t_lo), (t_lo, t_hi), (t_hi, num_blocks))
+                     for t0 in range(lo, hi, slab))
     return Plan(n_q, n_k, left, right, block, num_blocks, band, stride, (t_lo, t_hi), segments)
 
 

@@ -20,7 +20,9 @@ The bands of consecutive blocks start ``Bq`` keys apart, so they are one strided
 keys (:func:`~swa_lib.backends.bands.band_view`, no copy), and ``torch.baddbmm`` multiplies a
 whole *slab* of blocks at once, with the one band mask all interior blocks share riding along
 as the product's additive input. Only the few blocks at the ends of the sequence are copied
-and masked exactly (:mod:`swa_lib.backends.bands` has the geometry).
+and masked exactly (:mod:`swa_lib.backends.bands` has the geometry). On a CPU the forward hands
+each slab to PyTorch's fused FlashAttention kernel instead, which keeps the scores in cache
+(:mod:`swa_lib.backends.slabs` has both ways of computing a slab).
 
 Work sharing: the slabs of all heads are independent pieces, run by
 :func:`~swa_lib.backends.workers.run_pieces` on every thread, each piece single-threaded, so
@@ -28,7 +30,8 @@ that one attention call is not hundreds of parallel regions that all wait for th
 thread (which, on a machine with other programs running, may not be running at all).
 
 Backward is a ``torch.autograd.Function`` in the FlashAttention style: the forward keeps only
-the inputs and the output, and the backward recomputes the probabilities one slab at a time.
+the inputs and the output, and the backward recomputes the probabilities one slab at a time
+(step by step, which measured faster than the fused kernel's backward).
 A piece of the backward is a run of slabs of one key/value head; it folds the key and value
 gradients of its overlapping bands into its own buffer, and the buffers are added up in a
 fixed order at the end, so gradients do not depend on which thread ran what. Nothing of size
@@ -49,32 +52,27 @@ import torch
 
 from .bands import DEFAULT_BLOCK_SIZE, Plan, band_view, fold, make_plan, padded_rows, rows_view
 from .common import check_backend_args, check_band_args, compute_dtype, empty_output, refuse_double_backward
-from .workers import run_pieces, worker_count
+from .slabs import additive_mask, explicit_backward, explicit_forward, fused_available, fused_forward
+from .workers import run_pieces, scratch_buffer, worker_count
 from ..masks import AttentionPattern, check_int
 
-__all__ = ["blocked_attention", "band_attention", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["blocked_attention", "band_attention", "DEFAULT_BLOCK_SIZE", "FUSED_BLOCK_SIZE"]
 
 #: Below this many scores per call the pieces run on the calling thread (waking workers would
 #: cost more than they save).
 SHARE_SCORES = 1 << 17
-
-
-def _buffer(scratch: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """A worker's buffer ``name`` of at least ``shape``'s size, reused across its pieces
-    (fresh large allocations cost page faults)."""
-    size = 1
-    for s in shape:
-        size *= s
-    buf = scratch.get(name)
-    if buf is None or buf.numel() < size or buf.dtype != like.dtype:
-        buf = scratch[name] = like.new_empty(size)
-    return buf[:size].view(shape)
+#: Query rows per block and scores per slab of the fused forward (measured best on CPUs; the
+#: kernel tiles each band itself and never holds the scores, so smaller blocks waste less
+#: and larger slabs cost nothing).
+FUSED_BLOCK_SIZE = 32
+FUSED_SLAB_SCORES = 1 << 21
 
 
 class _Call:
-    """One call's tensors (compute dtype, last dim contiguous), its plan and its edge masks."""
+    """One call's tensors (compute dtype, last dim contiguous), its plan, and the order in
+    which its pieces are handed out."""
 
-    def __init__(self, q, k, v, left: int, right: int, scale: float, block: Optional[int]):
+    def __init__(self, q, k, v, left: int, right: int, scale: float, block: Optional[int], fused: bool = True):
         cdt = compute_dtype(q.dtype)
         self.q, self.k, self.v = (x.detach().to(cdt) for x in (q, k, v))
         self.q, self.k, self.v = (x if x.stride(-1) == 1 else x.contiguous() for x in (self.q, self.k, self.v))
@@ -82,21 +80,34 @@ class _Call:
         self.heads_kv, self.d_v = k.shape[1], v.shape[3]
         self.group = self.heads // self.heads_kv
         self.scale = scale
-        self.plan: Plan = make_plan(self.n_q, k.shape[2], left, right, block)
+        self.fused = fused and fused_available(self.q, self.d_v)
+        if self.fused:
+            block = FUSED_BLOCK_SIZE if block is None else block
+        self.plan: Plan = make_plan(self.n_q, k.shape[2], left, right, block,
+                                    slab_scores=FUSED_SLAB_SCORES if self.fused else None)
         self.static = self.plan.static_mask(q.device, cdt)
-        # the exact masks of the few edge blocks, shared by all heads (with stride 0 every block
-        # needs one: made when used, so that no O(N_q * N_k) set of masks is ever held)
-        self.masks = {} if not self.plan.stride else {
-            i: [(a - t0, b - t0, self.plan.exact_mask(a, b, q.device)) for a, b in self.plan.edges(t0, t1)]
-            for i, (t0, t1) in enumerate(self.plan.segments)}
         work = self.batch * self.heads * self.plan.num_blocks * self.plan.block * self.plan.band
         self.share = work >= SHARE_SCORES
 
+    def order(self, heads: int) -> list:
+        """Pieces ``(head, slab)`` for ``heads`` heads, largest slabs first, so that the last
+        pieces handed out are small and no worker is left alone with a big one at the end."""
+        segs = self.plan.segments
+        return sorted(((h, i) for h in range(heads) for i in range(len(segs))),
+                      key=lambda hi: segs[hi[1]][0] - segs[hi[1]][1])
+
+    def edges(self, seg: int) -> list:
+        """Exact masks ``[(a, b, allowed)]`` of slab ``seg``'s edge blocks ``a .. b - 1``."""
+        plan = self.plan
+        t0, t1 = plan.segments[seg]
+        ranges = plan.edges(t0, t1) if plan.stride else [(t0, t1)]
+        return [(a - t0, b - t0, plan.exact_mask(a, b, self.q.device)) for a, b in ranges]
+
     def inputs(self, b: int, h: int, seg: int, extra=()):
         """Queries ``(ns, Bq, D)`` of head ``h`` in slab ``seg``, key and value bands
-        ``(ns, L, D)`` of its key/value head, any ``extra`` per-query tensors ``(N_q, ...)`` of
-        that head as ``(ns, Bq, ...)``, and the exact masks of its edge blocks. Views,
-        or zero-padded copies of the few rows a slab reads past either end."""
+        ``(ns, L, D)`` of its key/value head, and any ``extra`` per-query tensors ``(N_q, ...)``
+        of that head as ``(ns, Bq, ...)``. Views, or zero-padded copies of the few rows a slab
+        reads past either end."""
         plan, hk = self.plan, h // self.group
         t0, t1 = plan.segments[seg]
         ns = t1 - t0
@@ -106,28 +117,15 @@ class _Call:
             k, v = padded_rows(k, first, count), padded_rows(v, first, count)
         blocks = [rows_view(padded_rows(x, t0 * plan.block, ns * plan.block), plan, ns)
                   for x in (self.q[b, h], *extra)]
-        masks = self.masks[seg] if plan.stride else [(0, ns, plan.exact_mask(t0, t1, k.device))]
-        return (blocks[0], band_view(k, plan, ns), band_view(v, plan, ns), *blocks[1:], masks)
+        return (blocks[0], band_view(k, plan, ns), band_view(v, plan, ns), *blocks[1:])
 
-    def scores(self, qb, kb, masks: list, out: torch.Tensor) -> torch.Tensor:
-        """Masked scores ``(ns, Bq, L)``: ``scale * q k^T`` plus the band mask, and the exact
-        masks ``[(a, b, mask)]`` of the slab's edge blocks ``a .. b - 1`` on top."""
-        if self.static is not None:  # the shared band mask rides along in the product
-            torch.baddbmm(self.static.expand(qb.shape[0], -1, -1), qb, kb.transpose(1, 2),
-                          alpha=self.scale, out=out)
-        else:
-            out.baddbmm_(qb, kb.transpose(1, 2), beta=0, alpha=self.scale)
-        for a, b, mask in masks:
-            out[a:b].masked_fill_(~mask, float("-inf"))
-        return out
-
-    def rows(self, dest: torch.Tensor, seg: int, scratch: dict, name: str, width: int) -> torch.Tensor:
+    def rows(self, dest: torch.Tensor, seg: int, scratch: dict, name: str) -> torch.Tensor:
         """Where slab ``seg`` writes its per-row results ``(ns, Bq, width)`` for ``dest (N_q,
         width)``: a view of ``dest`` for whole blocks, else a worker buffer (see :meth:`store`)."""
         t0, t1 = self.plan.segments[seg]
         if t1 * self.plan.block <= self.n_q:
             return rows_view(dest[t0 * self.plan.block : t1 * self.plan.block], self.plan, t1 - t0)
-        return _buffer(scratch, name, (t1 - t0, self.plan.block, width), dest)
+        return scratch_buffer(scratch, name, (t1 - t0, self.plan.block, dest.shape[1]), dest)
 
     def store(self, dest: torch.Tensor, seg: int, value: torch.Tensor) -> None:
         """Copy the real rows of ``value`` to ``dest`` unless :meth:`rows` gave a view of it."""
@@ -143,28 +141,30 @@ class _BandFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, left: int, right: int, scale: float, block: Optional[int], with_lse: bool):
         call = _Call(q, k, v, left, right, scale, block)
-        plan, segs = call.plan, call.plan.segments
+        plan = call.plan
         out = torch.empty(call.batch, call.heads, call.n_q, call.d_v, dtype=call.q.dtype, device=q.device)
         lse = torch.empty(call.batch, call.heads, call.n_q, 1, dtype=out.dtype, device=q.device) if with_lse else None
+        order = call.order(call.batch * call.heads)
 
         def piece(i: int, scratch: dict) -> None:
-            bh, seg = divmod(i, len(segs))
+            bh, seg = order[i]
             b, h = divmod(bh, call.heads)
-            qb, kb, vb, mask = call.inputs(b, h, seg)
-            s = call.scores(qb, kb, mask, _buffer(scratch, "s", (qb.shape[0], plan.block, plan.band), out))
-            p = _buffer(scratch, "p", s.shape, out)
-            torch.ops.aten._softmax.out(s, -1, False, out=p)  # every row sees a key: finite
-            o = torch.bmm(p, vb, out=call.rows(out[b, h], seg, scratch, "o", call.d_v))
+            qb, kb, vb = call.inputs(b, h, seg)
+            o = call.rows(out[b, h], seg, scratch, "o")
+            m = call.rows(lse[b, h], seg, scratch, "m") if with_lse else None
+            if call.fused:
+                mask = additive_mask(call.static, call.edges(seg), qb.shape[0], out)
+                fused_forward(qb, kb, vb, mask, call.scale, o, m)
+            else:
+                s = scratch_buffer(scratch, "s", (qb.shape[0], plan.block, plan.band), out)
+                explicit_forward(qb, kb, vb, call.static, call.edges(seg), call.scale, s, o, m)
             call.store(out[b, h], seg, o)
-            if with_lse:  # lse = S_max - log P_max: P at the arg max is exp(S_max - lse)
-                m = call.rows(lse[b, h], seg, scratch, "m", 1)
-                torch.sub(s.amax(-1, keepdim=True), p.amax(-1, keepdim=True).log_(), out=m)
+            if with_lse:
                 call.store(lse[b, h], seg, m)
 
-        run_pieces(call.batch * call.heads * len(segs), piece, share=call.share)
+        run_pieces(len(order), piece, share=call.share)
         ctx.save_for_backward(call.q, call.k, call.v, out)
-        call.q = call.k = call.v = None  # kept as saved tensors only
-        ctx.call, ctx.dtypes = call, (q.dtype, k.dtype, v.dtype)
+        ctx.args, ctx.dtypes = (left, right, scale, block), (q.dtype, k.dtype, v.dtype)
         ctx.set_materialize_grads(False)
         if with_lse:
             lse = lse[..., 0]
@@ -177,17 +177,14 @@ class _BandFunction(torch.autograd.Function):
     def backward(ctx, d_out, d_lse):
         refuse_double_backward("blocked")
         q, k, v, out = ctx.saved_tensors
-        call: _Call = ctx.call
-        call.q, call.k, call.v = q, k, v  # the saved tensors (the call held them for the forward)
+        # step by step: measured faster than the fused kernel's backward on these slabs
+        call = _Call(q, k, v, *ctx.args, fused=False)
         plan, segs = call.plan, call.plan.segments
         if d_out is None:
             d_out = torch.zeros_like(out)
         d_out = d_out.to(q.dtype)
         d_out = d_out if d_out.stride(-1) == 1 else d_out.contiguous()
-        # delta_i = sum_t P_it dP_it = dO_i . O_i, minus the gradient arriving through lse_i.
-        delta = (d_out * out).sum(-1, keepdim=True)  # (B, H, N_q, 1)
-        if d_lse is not None and d_lse.numel():
-            delta = delta - d_lse.to(q.dtype)[..., None]
+        d_lse = d_lse.to(q.dtype)[..., None] if d_lse is not None and d_lse.numel() else None
         dq = torch.empty_like(q)
         kv_heads = call.batch * call.heads_kv
         runs = _runs(len(segs), kv_heads, worker_count(len(segs) * kv_heads))
@@ -202,29 +199,32 @@ class _BandFunction(torch.autograd.Function):
             dv_sum = q.new_zeros(dk_sum.shape[0], call.d_v)
             for seg in runs[r]:
                 ns = segs[seg][1] - segs[seg][0]
-                dk_band = _buffer(scratch, "dk", (ns, plan.band, call.d), q)
-                dv_band = _buffer(scratch, "dv", (ns, plan.band, call.d_v), q)
+                dk_band = scratch_buffer(scratch, "dk", (ns, plan.band, call.d), q)
+                dv_band = scratch_buffer(scratch, "dv", (ns, plan.band, call.d_v), q)
+                edges = call.edges(seg)
                 for g in range(call.group):  # the query heads of this key/value head, in order
                     h = hk * call.group + g
-                    qb, kb, vb, dob, deltab, mask = call.inputs(b, h, seg, extra=(d_out[b, h], delta[b, h]))
-                    s = call.scores(qb, kb, mask, _buffer(scratch, "s", (ns, plan.block, plan.band), q))
-                    p = _buffer(scratch, "p", s.shape, q)
-                    torch.ops.aten._softmax.out(s, -1, False, out=p)
-                    # dV_band = P^T dO; dS = P * (dP - delta) * scale with dP = dO V^T
-                    dv_band.baddbmm_(p.transpose(1, 2), dob, beta=min(g, 1))
-                    ds = torch.bmm(dob, vb.transpose(1, 2), out=s).sub_(deltab).mul_(p).mul_(call.scale)
-                    dqb = torch.bmm(ds, kb, out=call.rows(dq[b, h], seg, scratch, "dq", call.d))
+                    qb, kb, vb, dob, ob = call.inputs(b, h, seg, extra=(d_out[b, h], out[b, h]))
+                    # delta_i = sum_t P_it dP_it = dO_i . O_i, minus the gradient through lse_i
+                    deltab = (dob * ob).sum(-1, keepdim=True)
+                    if d_lse is not None:
+                        deltab -= call.inputs(b, h, seg, extra=(d_lse[b, h],))[3]
+                    s = scratch_buffer(scratch, "s", (ns, plan.block, plan.band), q)
+                    dqb = call.rows(dq[b, h], seg, scratch, "dq")
+                    explicit_backward(dob, qb, kb, vb, deltab, call.static, edges, call.scale, s,
+                                      scratch_buffer(scratch, "ds", s.shape, q), dqb, dk_band, dv_band, accumulate=g > 0)
                     call.store(dq[b, h], seg, dqb)
-                    dk_band.baddbmm_(ds.transpose(1, 2), qb, beta=min(g, 1))
                 fold(dk_sum, dk_band, plan, segs[seg][0] - start)
                 fold(dv_sum, dv_band, plan, segs[seg][0] - start)
             sums[i] = (plan.first_key(start), dk_sum, dv_sum)
 
         run_pieces(len(sums), piece, share=call.share)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
 
         def add_up(bk: int, scratch: dict) -> None:  # in a fixed order: the same bits every run
             b, hk = divmod(bk, call.heads_kv)
+            dk[b, hk].zero_()
+            dv[b, hk].zero_()
             for first, dk_sum, dv_sum in sums[bk * len(runs) : (bk + 1) * len(runs)]:
                 lo, hi = max(first, 0), min(first + dk_sum.shape[0], plan.n_k)
                 dk[b, hk, lo:hi] += dk_sum[lo - first : hi - first]
@@ -262,7 +262,8 @@ def band_attention(
         left, right: the inclusive window (any non-negative ints; values beyond the
             sequence are clipped).
         scale: score multiplier.
-        block_size: query rows per block (default :data:`DEFAULT_BLOCK_SIZE`).
+        block_size: query rows per block (default :data:`DEFAULT_BLOCK_SIZE`, and
+            :data:`FUSED_BLOCK_SIZE` for the fused CPU forward).
         with_lse: compute the log-sum-exp (else ``None`` is returned in its place).
 
     Returns:

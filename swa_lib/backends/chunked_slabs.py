@@ -25,13 +25,11 @@ uses this path when no gradient is needed and the step-by-step one (plain autogr
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .bands import SLAB_SCORES
-from .workers import run_pieces
+from .bands import SLAB_SCORES, padded_rows
+from .workers import run_pieces, scratch_buffer
 
 __all__ = ["chunked_band_inference", "skewed_halves"]
 
@@ -53,33 +51,10 @@ def skewed_halves(chunks: torch.Tensor, w: int, blocks: int) -> tuple[torch.Tens
     return left, right
 
 
-def _rows(x: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    """Rows ``[start, start + count)`` of ``x (N, D)``, rows outside ``[0, N)`` zero: a view when
-    all exist, else a small zero-padded copy."""
-    n = x.shape[0]
-    if start >= 0 and start + count <= n:
-        return x[start : start + count]
-    lo, hi = max(start, 0), min(start + count, n)
-    if lo >= hi:
-        return x.new_zeros(count, x.shape[1])
-    return F.pad(x[lo:hi], (0, 0, lo - start, start + count - hi))
-
-
 def _chunks(rows: torch.Tensor, w: int, count: int) -> torch.Tensor:
     """``count`` chunks of ``2w`` rows overlapping by ``w`` of ``rows ((count + 1) w, D)``: a view."""
     step = rows.stride(0)
     return rows.as_strided((count, 2 * w, rows.shape[1]), (w * step, step, 1), rows.storage_offset())
-
-
-def _buffer(scratch: dict, name: str, shape: tuple, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
-    """A worker's reused buffer of at least ``shape``'s size (zeroed when first made if asked)."""
-    size = 1
-    for s in shape:
-        size *= s
-    buf = scratch.get(name)
-    if buf is None or buf.numel() < size:
-        buf = scratch[name] = like.new_zeros(size) if zero else like.new_empty(size)
-    return buf[:size].view(shape)
 
 
 def chunked_band_inference(q, k, v, left: int, right: int, scale: float, with_lse: bool = True):
@@ -113,11 +88,11 @@ def chunked_band_inference(q, k, v, left: int, right: int, scale: float, with_ls
         first = (c0 - 1) * w  # position of the first row of the piece's first chunk
         rows = (nb + 2) * w
         inside = first >= max(offset, 0) and first + rows <= n_k
-        qr = _rows(q[b, h], first - offset, rows)
-        kr, vr = _rows(k[b, h // group], first, rows), _rows(v[b, h // group], first, rows)
-        scores = _buffer(scratch, "scores", (nb + 1, 2 * w, 2 * w), q)
+        qr = padded_rows(q[b, h], first - offset, rows)
+        kr, vr = padded_rows(k[b, h // group], first, rows), padded_rows(v[b, h // group], first, rows)
+        scores = scratch_buffer(scratch, "scores", (nb + 1, 2 * w, 2 * w), q)
         scores.baddbmm_(_chunks(qr, w, nb + 1), _chunks(kr, w, nb + 1).transpose(1, 2), beta=0, alpha=scale)
-        band = _buffer(scratch, "band", (nb, w, 2 * w + 1), q)
+        band = scratch_buffer(scratch, "band", (nb, w, 2 * w + 1), q)
         sk_left, sk_right = skewed_halves(scores, w, nb)
         band[:, :, :w].copy_(sk_left)
         band[:, :, w:].copy_(sk_right)
@@ -128,13 +103,13 @@ def chunked_band_inference(q, k, v, left: int, right: int, scale: float, with_ls
             band.masked_fill_(~(ok | (pos < offset) | (pos >= n_k)), float("-inf"))
         elif column_mask is not None:
             band.add_(column_mask)
-        probs = _buffer(scratch, "probs", band.shape, q)
+        probs = scratch_buffer(scratch, "probs", band.shape, q)
         torch.ops.aten._softmax.out(band, -1, False, out=probs)  # every row sees a key: finite
-        p_chunks = _buffer(scratch, "p_chunks", (nb + 1, 2 * w, 2 * w), q, zero=True)  # corners stay 0
+        p_chunks = scratch_buffer(scratch, "p_chunks", (nb + 1, 2 * w, 2 * w), q, zero=True)  # corners stay 0
         p_left, p_right = skewed_halves(p_chunks, w, nb)
         p_left.copy_(probs[:, :, :w])
         p_right.copy_(probs[:, :, w:])
-        o = torch.bmm(p_chunks, _chunks(vr, w, nb + 1), out=_buffer(scratch, "o", (nb + 1, 2 * w, d_v), q))
+        o = torch.bmm(p_chunks, _chunks(vr, w, nb + 1), out=scratch_buffer(scratch, "o", (nb + 1, 2 * w, d_v), q))
         lo, hi = c0 * w - offset, c1 * w - offset  # q rows of the piece's blocks
         if inside:
             torch.add(o[1:, :w], o[:-1, w:], out=out[b, h, lo:hi].view(nb, w, d_v))

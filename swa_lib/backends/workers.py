@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["run_pieces", "worker_count"]
+__all__ = ["run_pieces", "worker_count", "scratch_buffer"]
 
 _LOCK = threading.Lock()
 _POOL: list = [None, 0]  # [executor, its number of threads]
@@ -87,3 +87,16 @@ def run_pieces(count: int, piece: Callable[[int, dict], None], *, share: bool = 
         torch.set_num_threads(threads)
     for f in futures:
         f.result()  # re-raise a worker's exception
+
+
+def scratch_buffer(scratch: dict, name: str, shape: tuple, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+    """A worker's buffer ``name`` of ``shape``, reused across its pieces (fresh large allocations
+    cost page faults): the front of a flat buffer of ``like``'s dtype and device, made (zeroed
+    if ``zero``) when missing or too small."""
+    size = 1
+    for s in shape:
+        size *= s
+    buf = scratch.get(name)
+    if buf is None or buf.numel() < size or buf.dtype != like.dtype:
+        buf = scratch[name] = like.new_zeros(size) if zero else like.new_empty(size)
+    return buf[:size].view(shape)

@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
-"""GPU benchmark: the fused Triton kernel against PyTorch SDPA and FlexAttention.
+"""GPU benchmark: the fused Triton kernel against its previous variant, PyTorch SDPA and FlexAttention.
 
-    PYTHONPATH=. python3 benchmarks/gpu.py            # full run (N = 4k .. 128k)
+    PYTHONPATH=. python3 benchmarks/gpu.py            # full run (N = 4k .. 128k), under 8 minutes
     PYTHONPATH=. python3 benchmarks/gpu.py --quick    # N = 4k .. 16k
     PYTHONPATH=. python3 benchmarks/gpu.py --n 65536 131072 --merge   # add rows to the stored JSON
 
 Setting: bf16, B = 1, H = 16 (and a GQA case with H_kv = 4), D = 128; windows causal (4096, 0)
 and symmetric (256, 256); forward and forward+backward. Methods, all measured in the same run:
 
-* ``triton``: swa_lib's kernel (block skipping, cost O(N * window));
+* ``triton``: swa_lib's kernel (block skipping, cost O(N * window)): one band loop, dk/dv
+  transposed, TMA descriptors on Hopper;
+* ``triton_previous``: the same kernel before those three changes (three loops per band,
+  untransposed dk/dv, pointer loads; ``variant="previous"``), kept until this run has measured
+  both (multi-head rows only);
 * ``sdpa_flash_causal``: PyTorch SDPA restricted to its FlashAttention backend with full causal
   attention (the speed ceiling for dense attention; it does N^2 / 2 work);
-* ``sdpa_band_mask``: SDPA with a dense boolean band mask (O(N^2) memory; until it runs out);
+* ``sdpa_band_mask``: SDPA with a dense boolean band mask (O(N^2) memory; up to N = 16k);
 * ``flex``: FlexAttention with a sliding-window ``BlockMask``, compiled with ``torch.compile``.
 
 Reported: milliseconds (median of CUDA-event timings), useful TFLOP/s and peak memory.
@@ -23,7 +27,10 @@ TFLOP/s is comparable. Peak memory is the largest
 ``torch.cuda.max_memory_allocated`` during one call, minus the inputs.
 
 The first call at each new shape autotunes the Triton kernel (and compiles FlexAttention); the
-warm-up calls absorb that, and compiled kernels are cached on disk for later runs.
+warm-up calls absorb that, and compiled kernels are cached on disk for later runs. The run keeps
+to ``--budget-s`` seconds (default 390, so it ends within 8 minutes on an H100 even with cold
+caches): rows it has no time left for say ``skipped: time budget``. The Triton comparison comes
+first in every setting, the peers after it.
 
 Writes swa_lib/lab/results/gpu_bench.json (with the GPU name, date and versions) and
 book/figures/gpu_bench.png. Needs a CUDA GPU; without one it exits with a message.
@@ -36,6 +43,7 @@ import datetime
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,7 +59,9 @@ HEADS = [(16, 16), (16, 4)]  # (H, H_kv): MHA and a GQA case
 WINDOWS = [(4096, 0), (256, 256)]
 N_FULL = [4096, 8192, 16384, 32768, 65536, 131072]
 N_QUICK = [4096, 8192, 16384]
-METHODS = ["triton", "sdpa_flash_causal", "sdpa_band_mask", "flex"]
+METHODS = ["triton", "triton_previous", "sdpa_flash_causal", "sdpa_band_mask", "flex"]
+BAND_MASK_MAX_N = 16384  # an N x N bool mask and SDPA's O(N^2) work beyond this cost minutes
+BUDGET_S = 390.0
 MODES = ["fwd", "fwd+bwd"]
 FIGURE = ROOT / "book" / "figures" / "gpu_bench.png"
 _FLEX = None
@@ -74,7 +84,8 @@ def format_table(rows: list) -> str:
     head = f"{'window':>11} {'H/H_kv':>6} {'mode':>7} {'N':>7} {'method':>18} {'ms':>9} {'TFLOP/s':>8} {'peak GiB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        ms = ("error" if r.get("error") else "OOM") if r["ms"] is None else f"{r['ms']:.3f}"
+        ms = ("skipped" if str(r.get("error", "")).startswith("skipped") else "error" if r.get("error") else
+              "OOM") if r["ms"] is None else f"{r['ms']:.3f}"
         tf = "-" if r["tflops"] is None else f"{r['tflops']:.1f}"
         mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         w = f"({r['window'][0]},{r['window'][1]})"
@@ -122,11 +133,13 @@ def _make_call(method: str, q, k, v, window, mode: str):
 
     n, heads, heads_kv = q.shape[2], q.shape[1], k.shape[1]
     left, right = window
-    if method == "triton":
+    if method in ("triton", "triton_previous"):
         from swa_lib.backends.triton import triton_sliding_window_attention
 
+        variant = "previous" if method == "triton_previous" else "current"
+
         def attn():
-            return triton_sliding_window_attention(q, k, v, window)
+            return triton_sliding_window_attention(q, k, v, window, variant=variant)
     elif method == "sdpa_flash_causal":
         kk, vv = (k, v) if heads == heads_kv else (k.repeat_interleave(heads // heads_kv, 1),
                                                    v.repeat_interleave(heads // heads_kv, 1))
@@ -170,8 +183,21 @@ def _make_call(method: str, q, k, v, window, mode: str):
     return call
 
 
-def measure(ns, heads_list=HEADS, windows=WINDOWS, methods=METHODS, modes=MODES, reps=10) -> list:
+def _skip_reason(method: str, n: int, heads: int, heads_kv: int, started: float, budget_s: float):
+    """Why a row is not measured (None: measure it)."""
+    if method == "triton_previous" and heads != heads_kv:
+        return "skipped: the previous variant is compared on multi-head rows only"
+    if method == "sdpa_band_mask" and n > BAND_MASK_MAX_N:
+        return f"skipped: N x N mask above N = {BAND_MASK_MAX_N}"
+    if time.monotonic() - started > budget_s:
+        return "skipped: time budget"
+    return None
+
+
+def measure(ns, heads_list=HEADS, windows=WINDOWS, methods=METHODS, modes=MODES, reps=10,
+            budget_s=BUDGET_S) -> list:
     rows = []
+    started = time.monotonic()
     for heads, heads_kv in heads_list:
         for window in windows:
             if heads != heads_kv and window != windows[0]:
@@ -188,7 +214,10 @@ def measure(ns, heads_list=HEADS, windows=WINDOWS, methods=METHODS, modes=MODES,
                     for method in methods:
                         row = dict(window=list(window), heads=heads, heads_kv=heads_kv, mode=mode, n=n,
                                    method=method, ms=None, tflops=None, peak_gib=None)
-                        if method not in oom:
+                        skip = _skip_reason(method, n, heads, heads_kv, started, budget_s)
+                        if skip:
+                            row["error"] = skip
+                        elif method not in oom:
                             try:
                                 call = _make_call(method, q, k, v, window, mode)
                                 ms = _time_ms(call, reps=reps)
@@ -214,6 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--merge", action="store_true", help="add to the stored JSON instead of replacing it")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="stop measuring after this many seconds")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU (none found); nothing measured.", file=sys.stderr)
@@ -221,7 +251,7 @@ def main(argv=None) -> int:
     ns = args.n or (N_QUICK if args.quick else N_FULL)
     import triton
 
-    rows = measure(ns, methods=args.methods, reps=args.reps)
+    rows = measure(ns, methods=args.methods, reps=args.reps, budget_s=args.budget_s)
     data = dict(
         gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
         torch=torch.__version__, triton=triton.__version__, dtype="bfloat16", batch=B, head_dim=D,

@@ -9,7 +9,9 @@ one; here each document is attended on its own, so a window never crosses a bord
 Each document is one call of :func:`swa_lib.sliding_window_attention` on views of the packed
 tensors (no copy of the inputs), so every backend, feature and the backward pass work as
 they do there. The cost is one dispatch per document: right for documents of hundreds of
-tokens or more; thousands of very short documents are better padded into a batch.
+tokens or more; thousands of very short documents are better padded into a batch. The Triton
+backend (named, or chosen by ``"auto"`` on a GPU) instead reads ``cu_seqlens`` itself: one
+launch per kernel for all documents, whatever their number.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .attention import sliding_window_attention
+from .attention import sliding_window_attention, validate_call
+from .backends import choose_backend
 
 __all__ = ["varlen_sliding_window_attention", "check_cu_seqlens"]
 
@@ -88,11 +91,21 @@ def varlen_sliding_window_attention(
         starts_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
         if len(starts_k) != len(starts_q):
             raise ValueError(f"cu_seqlens_q has {len(starts_q) - 1} documents, cu_seqlens_k {len(starts_k) - 1}")
+    for d, (a, b, c, e) in enumerate(zip(starts_q, starts_q[1:], starts_k, starts_k[1:])):
+        if b - a > e - c:
+            raise ValueError(f"document {d} has {b - a} queries but only {e - c} keys")
+    if q.shape[0] == 0:  # no queries at all
+        return q.new_zeros(0, q.shape[1], v.shape[2])
+    # (total, H, D) viewed as one sequence (1, H, total, D): the checks and the choice of backend
+    views = [x.permute(1, 0, 2).unsqueeze(0) for x in (q, k, v)]
+    pattern, scale_ = validate_call(*views, window, dilation=dilation, sinks=sinks, scale=scale)
+    if choose_backend(backend, views[0], views[1], pattern, views[2]).name == "triton":
+        from .backends.triton import triton_varlen_attention
+
+        return triton_varlen_attention(q, k, v, starts_q, starts_k, pattern, scale_)
     pieces = []
     for d in range(len(starts_q) - 1):
         (a, b), (c, e) = starts_q[d : d + 2], starts_k[d : d + 2]
-        if b - a > e - c:
-            raise ValueError(f"document {d} has {b - a} queries but only {e - c} keys")
         if b == a:
             continue
         # (n, H, D) slices viewed as (1, H, n, D): no copy
@@ -100,6 +113,4 @@ def varlen_sliding_window_attention(
         out = sliding_window_attention(qd, kd, vd, window, dilation=dilation, sinks=sinks, scale=scale,
                                        backend=backend)
         pieces.append(out[0].permute(1, 0, 2))
-    if not pieces:  # no queries at all
-        return q.new_zeros(0, q.shape[1], v.shape[2])
     return torch.cat(pieces)  # documents without queries add no rows: the pieces tile the output

@@ -102,3 +102,36 @@ def test_no_queries_gives_an_empty_result():
     q, k, v, cu = _packed([0, 0])
     out = varlen_sliding_window_attention(q, k, v, cu, (2, 0))
     assert out.shape == (0, 4, 11)
+
+
+# -- the Triton kernel reads cu_seqlens itself: one launch per kernel for every document -----
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kw", [dict(window=(3, 1)), dict(window=(5, 0), sinks=2),
+                                dict(window=(4, 2), dilation=(1, 2, 1, 3))], ids=["band", "sinks", "dilation"])
+def test_triton_packs_all_documents_into_one_launch(kw, monkeypatch):
+    """Against the per-document loop oracle, forward and backward, with a document that has
+    fewer queries than keys, an empty one and a one-token one; each kernel is launched once."""
+    tk = pytest.importorskip("swa_lib.backends.triton", reason="triton is not installed")
+    device = "cpu" if tk.INTERPRETER else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("compiled Triton kernels need a GPU")
+    lengths_k, lengths_q = [9, 5, 0, 40, 1], [2, 5, 0, 33, 1]
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(sum(lengths_q), 4, 16, generator=g)
+    k, v = (torch.randn(sum(lengths_k), 2, 16, generator=g) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(x).cumsum(0).tolist()) for x in (lengths_q, lengths_k))
+    launched = []
+    run = tk.launch.run
+    monkeypatch.setattr(tk.launch, "run", lambda launch, blocks: (launched.append(launch.kind), run(launch, blocks)))
+    leaves = [x.to(device).clone().requires_grad_() for x in (q, k, v)]
+    out = varlen_sliding_window_attention(*leaves, cu_q, cu_seqlens_k=cu_k, backend="triton", **kw)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad.to(device))
+    kinds = ["fwd", "delta", "dq", "dkdv"] + (["dkdv"] if kw.get("sinks") else [])  # + the sinks' columns
+    assert sorted(launched) == sorted(kinds)
+    pattern = AttentionPattern(*kw["window"], dilation=kw.get("dilation", 1), sinks=kw.get("sinks", 0))
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = _per_document(*ref_leaves, cu_q, cu_k, pattern, 16**-0.5)
+    ref.backward(grad.double())
+    for a, b in zip([out, *(x.grad for x in leaves)], [ref, *(x.grad for x in ref_leaves)]):
+        assert float((a.detach().cpu().double() - b.detach()).abs().max()) < 2e-5

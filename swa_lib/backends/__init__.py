@@ -10,7 +10,7 @@ Modules: ``registry`` (the row type and the choice), ``common`` (rules every bac
 ``reference`` (the loop oracle), ``dense`` (masked full attention and SDPA), ``chunked``
 (Longformer's chunks), ``blocked`` (query blocks against key bands), ``extensions`` (dilation,
 global tokens and sinks on top of a band kernel), ``triton`` (the fused GPU kernel, imported
-only when used).
+only when used), ``triton_arch`` (what that kernel needs per GPU architecture; Triton-free).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .common import compute_dtype, refuse_double_backward
 from .dense import dense_attention, sdpa_attention
 from .reference import loop_attention
 from .registry import BACKENDS, Backend, available_backends, choose_backend, get_backend, register_backend
+from . import triton_arch
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "get_backend", "available_backends", "choose_backend",
            "compute_dtype", "refuse_double_backward", "TRITON_HEAD_DIMS"]
@@ -83,7 +84,11 @@ register_backend(Backend(
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (triton 3.9): fp16/fp32 there.
     device_dtypes={"cpu": frozenset({torch.float16, torch.float32})},
-    head_dims=TRITON_HEAD_DIMS, same_value_dim=True, cross_length=False,
+    head_dims=TRITON_HEAD_DIMS, same_value_dim=True, cross_length=True,
     devices_now=_triton_devices,
     auto_devices=frozenset({"cuda"}),
+    # per architecture (triton_arch.py): a configuration must fit the GPU's shared memory, and
+    # before sm_80 Triton's dots run without tensor cores, where SDPA is the better choice
+    device_limits=triton_arch.unfit_reason,
+    min_auto_capability=triton_arch.MIN_AUTO_CAPABILITY,
 ))

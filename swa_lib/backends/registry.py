@@ -47,6 +47,10 @@ class Backend:
         auto: whether ``"auto"`` may choose it (the loop oracle never is chosen).
         auto_devices: the device types on which ``"auto"`` may choose it.
         max_auto_len: ``"auto"`` skips it above this many keys (dense paths are O(N^2)).
+        device_limits: ``fn(q, k, v) -> reason or None``: what the particular device cannot run
+            (the Triton kernel: no configuration fits the GPU's shared memory).
+        min_auto_capability: ``"auto"`` skips it on CUDA GPUs older than this compute capability
+            (the Triton kernel has no tensor-core dots before sm_80).
         wide_windows: ``"auto"`` prefers it when the window covers at least half of the keys
             (then an O(N^2) fused kernel wastes at most 2x and beats banded code).
     """
@@ -71,6 +75,8 @@ class Backend:
     auto_devices: frozenset = ALL_DEVICES
     max_auto_len: Optional[int] = None
     wide_windows: bool = False
+    device_limits: Optional[Callable[..., Optional[str]]] = None
+    min_auto_capability: Optional[tuple] = None
 
     def runs_on(self) -> frozenset:
         """The device types it can run on in this process (empty: not available here)."""
@@ -108,6 +114,8 @@ class Backend:
             return f"backend {self.name!r} does not support grouped-query attention (H={q.shape[1]}, H_kv={k.shape[1]})"
         if q.shape[2] != k.shape[2] and not self.cross_length:
             return f"backend {self.name!r} needs as many queries as keys (N_q={q.shape[2]}, N_k={k.shape[2]})"
+        if self.device_limits is not None:
+            return self.device_limits(q, k, v)
         return None
 
 
@@ -181,6 +189,11 @@ def _not_for_auto(backend: Backend, q, k, pattern, v, needs_grad: bool) -> Optio
         return f"'auto' does not choose backend {backend.name!r} on device {device!r} (pass backend={backend.name!r})"
     if needs_grad and not backend.autograd:
         return f"backend {backend.name!r} does not support autograd"
+    if device == "cuda" and backend.min_auto_capability is not None:
+        cap = torch.cuda.get_device_capability(q.device)
+        if cap < backend.min_auto_capability:
+            return (f"'auto' does not choose backend {backend.name!r} on compute capability {cap} (below "
+                    f"{backend.min_auto_capability}; pass backend={backend.name!r})")
     if backend.max_auto_len is not None and k.shape[2] > backend.max_auto_len:
         return f"'auto' uses backend {backend.name!r} only up to {backend.max_auto_len} keys (got N_k={k.shape[2]})"
     return None

@@ -30,6 +30,8 @@ import torch
 __all__ = ["fused_available", "additive_mask", "fused_forward", "explicit_forward", "explicit_backward"]
 
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+if _FUSED is not None and "attn_mask" not in str(_FUSED.default._schema):
+    _FUSED = None  # PyTorch releases before the kernel took a mask
 
 
 def fused_available(q: torch.Tensor, d_v: int) -> bool:

@@ -21,8 +21,9 @@ each implementation copes with a machine that is doing something else too.
 Reported per call: wall time (best of --repeats after one warm-up call; 1 repeat for
 n >= 32768), useful GFLOP/s = 4 * B * H * sum_i keys(i) * D / time (two multiply-adds per
 visible key and head dim: QK^T and PV; a training step counts 3x that), and peak memory = rise
-of the process's peak RSS during the call (Linux /proc/self/clear_refs + VmHWM). Every run
-records the thread count, the CPU model and the load average. Writes
+of the process's peak RSS during the call (Linux /proc/self/clear_refs + VmHWM), measured in
+a second pass with every large allocation mapped fresh (see memory_pass). Every run records
+the thread count, the CPU model and the load average. Writes
 swa_lib/lab/results/cpu_bench.json and book/figures/cpu_bench.png.
 """
 
@@ -71,8 +72,13 @@ def load_average() -> list:
         return []
 
 
-def measure(fn, repeats: int):
-    """(best wall seconds, process CPU seconds of that call, peak RSS rise in bytes)."""
+def measure(fn, repeats: int, memory: bool):
+    """(best wall seconds, process CPU seconds of that call, peak RSS rise in bytes or 0).
+
+    Timed calls follow one another directly, as in a program that calls attention again and
+    again; with ``memory`` each call runs inside the peak-RSS probe instead, which first hands
+    freed memory back to the system (so the probe sees what the call allocates) and makes
+    every call fault its memory in afresh: right for the peak, not for the time."""
     times, peaks = [], [0]
 
     def timed():
@@ -81,7 +87,10 @@ def measure(fn, repeats: int):
         times.append((time.perf_counter() - t0, time.process_time() - c0))
 
     for _ in range(repeats):
-        peaks.append(peak_memory(timed) or 0)  # None where the peak cannot be measured
+        if memory:
+            peaks.append(peak_memory(timed) or 0)  # None where the peak cannot be measured
+        else:
+            timed()
     wall, cpu = min(times)
     return wall, cpu, max(peaks)
 
@@ -102,8 +111,8 @@ def _timed(fn) -> float:
 class Runner:
     """Runs peers on cases and collects rows; remembers which peers to skip at larger n."""
 
-    def __init__(self, repeats: int, check: bool):
-        self.repeats, self.check = repeats, check
+    def __init__(self, repeats: int, check: bool, memory: bool):
+        self.repeats, self.check, self.memory = repeats, check, memory
         self.rows, self.skipped, self.compile_s = [], {}, {}
         self.reference = {}
 
@@ -129,7 +138,7 @@ class Runner:
                 if err > 1e-3:
                     raise RuntimeError(f"wrong result: max abs error {err:.2e} vs blocked")
             del out
-            seconds, cpu, peak = measure(fn, 1 if (peer == "loop" or n >= 32768) else self.repeats)
+            seconds, cpu, peak = measure(fn, 1 if (peer == "loop" or n >= 32768) else self.repeats, self.memory)
         except NotApplicable as exc:
             print(f"  {peer} {direction} window={window} n={n}: {exc}", flush=True)
             return None
@@ -161,7 +170,7 @@ def busy_processes(count: int) -> list:
 
 
 def run_all(args) -> dict:
-    runner = Runner(args.repeats, not args.no_check)
+    runner = Runner(args.repeats, not args.no_check, args.memory_pass)
     default_threads = torch.get_num_threads()
     threads_list = [default_threads if t == 0 else t for t in args.threads]
     gemm = {}
@@ -240,6 +249,31 @@ def targets(result: dict) -> dict:
     return out
 
 
+def memory_pass(args, rows: list) -> None:
+    """Measure every row's peak memory again in a subprocess where the C library maps every
+    block of 1 MiB or more fresh and unmaps it when freed (``MALLOC_MMAP_THRESHOLD_``), so that
+    the peak RSS sees each large allocation. (glibc otherwise keeps freed blocks in its heap, and
+    memory resident before a call hides what the call allocates.) Times are measured without
+    that setting: it turns every large temporary into fresh pages to fault in, a cost no
+    program pays with the default allocator, and it would penalise the implementations that
+    allocate most. Rows under load take the peak of their quiet row."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        cmd = [sys.executable, __file__, "--memory-pass", "--out", str(out),
+               "--sizes", ",".join(map(str, args.sizes)), "--train-sizes", ",".join(map(str, args.train_sizes)),
+               "--windows", ";".join(f"{a},{b}" for a, b in args.windows), "--peers", ",".join(args.peers),
+               "--threads", ",".join(map(str, args.threads))] + (["--no-check"] if args.no_check else [])
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+        print("# peak memory pass:", " ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, env=env, check=True)
+        measured = json.loads(out.read_text())
+    peaks = {(r["peer"], r["n"], tuple(r["window"]), r["direction"], r["threads"]): r["peak_mib"] for r in measured}
+    for r in rows:
+        r["peak_mib"] = peaks.get((r["peer"], r["n"], tuple(r["window"]), r["direction"], r["threads"]))
+
+
 def plot(result, path: Path):
     from swa_lib.lab.plotting import cpu_bench_figure
 
@@ -250,18 +284,6 @@ def plot(result, path: Path):
 
 
 def main(argv=None) -> int:
-    timing_only = "--timing-only" in sys.argv
-    if timing_only:
-        sys.argv.remove("--timing-only")
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux") and not timing_only:
-        # glibc serves large blocks from mmap and returns them on free, but raises its threshold
-        # after the first free, after which big tensors reuse already-resident heap memory and
-        # the peak RSS stops seeing them. A fixed threshold keeps the accounting honest.
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
-        # This makes every large allocation a fresh mmap whose pages fault in again, which
-        # penalises code with many temporaries; --timing-only skips it (peak memory is then
-        # under-reported and should be ignored).
-        os.execv(sys.executable, [sys.executable, *sys.argv])
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=ints, default=DEFAULT_SIZES)
@@ -277,6 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check of each peer")
     ap.add_argument("--extensions", action="store_true",
                     help="only run the global-token and dilation rows (n=16384) and add them to the stored JSON")
+    ap.add_argument("--memory-pass", action="store_true",
+                    help="(internal) the peak-memory pass, run by the main pass in a subprocess")
     ap.add_argument("--out", default=str(results.path("cpu_bench")))
     ap.add_argument("--png", default=str(ROOT / "book" / "figures" / "cpu_bench.png"))
     args = ap.parse_args(argv)
@@ -291,10 +315,20 @@ def main(argv=None) -> int:
     if args.extensions:
         from cpu_extensions import run_extensions
 
-        key = "extensions_timing_only" if timing_only else "extensions"
-        stored[key] = run_extensions(16384, args.repeats)
+        default = torch.get_num_threads()
+        runs = []
+        for t in [default if t == 0 else t for t in args.threads]:
+            torch.set_num_threads(t)
+            runs.append(run_extensions(16384, args.repeats))
+        torch.set_num_threads(default)
+        stored["extensions"] = runs
+        stored.pop("extensions_timing_only", None)
         path.write_text(json.dumps(stored, indent=1) + "\n")
         print("added to", path)
+        return 0
+    if args.memory_pass:
+        args.load, args.repeats = [], 1
+        path.write_text(json.dumps(run_all(args)["rows"]) + "\n")
         return 0
     info = dict(results.machine(), load_average_start=load_average())
     print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']}, default {info['torch_threads']} threads",
@@ -310,13 +344,14 @@ def main(argv=None) -> int:
                     peak="rise of peak RSS during the call (MiB)", load="busy single-threaded processes"),
         **result, total_s=round(time.perf_counter() - t0, 1),
     )
+    if not args.quick:
+        memory_pass(args, result["rows"])
     result["targets"] = targets(result)
     print("Targets:", json.dumps(result["targets"], indent=1))
     print(f"Load average at the end: {info['load_average_end']}; total {result['total_s']} s")
     if not args.quick:
-        for key in ("extensions", "extensions_timing_only"):
-            if key in stored:
-                result[key] = stored[key]  # keep the rows of a separate --extensions run
+        if "extensions" in stored:
+            result["extensions"] = stored["extensions"]  # keep the rows of a separate --extensions run
         path.write_text(json.dumps(result, indent=1) + "\n")
         plot(result, Path(args.png))
         print("wrote", args.out, "and", args.png)

@@ -16,7 +16,6 @@ import torch
 
 import swa_lib
 from swa_lib.lab import results
-from swa_lib.lab.cost import peak_memory
 
 B, H, D = 1, 4, 64
 
@@ -46,27 +45,21 @@ def run_extensions(n: int, repeats: int, backends=("blocked", "chunked")) -> dic
             def fn():
                 return swa_lib.sliding_window_attention(q, k, v, window, backend=backend, **kwargs)
 
-            times, peaks = [], [0]
-
-            def timed():
-                c0, t0 = time.process_time(), time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0, time.process_time() - c0))
-
+            times = []
             with torch.no_grad():
                 fn()
                 for _ in range(repeats):
-                    peaks.append(peak_memory(timed) or 0)
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fn()
+                    times.append((time.perf_counter() - t0, time.process_time() - c0))
             seconds, cpu = min(times)
             reach = window[0] + window[1] + 1
             rows.append(dict(peer=backend, case=label, window=list(window), n=n, time_s=seconds, cpu_s=cpu,
-                             reach=reach, peak_mib=max(peaks) / 2**20))
-            print(f"  {backend:8s} {label:24s} n={n}  {seconds * 1e3:9.1f} ms (cpu {cpu * 1e3:7.1f} ms)  "
-                  f"{max(peaks) / 2**20:7.1f} MiB", flush=True)
+                             reach=reach))
+            print(f"  {backend:8s} {label:24s} n={n}  {seconds * 1e3:9.1f} ms (cpu {cpu * 1e3:7.1f} ms)", flush=True)
     base = {r["peer"]: r for r in rows if r["case"].startswith("plain")}
     ratios = {f"{r['peer']} {r['case']} / plain": dict(wall=round(r["time_s"] / base[r["peer"]]["time_s"], 2),
                                                        cpu=round(r["cpu_s"] / base[r["peer"]]["cpu_s"], 2))
               for r in rows if not r["case"].startswith("plain")}
     print("ratios:", json.dumps(ratios, indent=1))
-    return dict(machine=info, load_average_end=_load_average(), rows=rows, ratios=ratios,
-                malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+    return dict(machine=info, load_average_end=_load_average(), rows=rows, ratios=ratios)

@@ -35,6 +35,7 @@ FIGURES = {
     "receptive field": lambda: plotting.plot_receptive_field(np.random.rand(4, 30), window_text="(2, 0)"),
     "rolling buffer": lambda: plotting.plot_rolling_buffer(4, [1, 4, 7]),
     "decode bench": lambda: plotting.plot_decode_bench(results.load("decode_bench")),
+    "cpu bench": lambda: plotting.cpu_bench_figure(results.load("cpu_bench")),
     "reach growth": lambda: plotting.plot_reach_growth({"a": [3, 5, 7], "b": [3, 7, 11]}),
     "attention heads": lambda: plotting.plot_attention_heads(_heads()),
     "history": lambda: plotting.plot_history([(0, 3.0), (10, 2.0), (20, 1.5)]),
@@ -119,3 +120,16 @@ def test_gpu_bench_figure_and_table_come_from_the_package():
     assert t.title == "measured on Test GPU on 2026-01-01 (torch 2.11, triton 3.6)"
     assert sum(row[5] == "out of memory" for row in t.rows) == 4
     assert len(t.rows) == len(rows)
+
+
+def test_cpu_bench_ticks_do_not_overlap():
+    """Half-column panels label n in thousands (16k, 32k, 64k) so that the labels never collide."""
+    fig = plotting.cpu_bench_figure(results.load("cpu_bench"))
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+            assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in ax.get_xticklabels()]
+    finally:
+        plt.close(fig)

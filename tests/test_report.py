@@ -73,14 +73,16 @@ def test_table_title_is_a_line_above_it():
 def test_extension_costs_are_the_stored_ratios():
     from swa_lib.lab import results
 
-    stored = results.load("cpu_bench")["extensions"]
-    times = {(r["peer"], r["case"]): r["time_s"] for r in stored["rows"]}
+    runs = results.load("cpu_bench")["extensions"]
     t = extension_costs("dilation")
-    assert t.title.startswith("stored run: " + stored["machine"]["cpu"])
-    fresh = [row for row in t.rows if row[0] == "fresh for every temporary"]
-    assert {row[1] for row in fresh} == {"blocked", "chunked"}
-    for memory, peer, case, plain, with_it, ratio, extra in fresh:
-        expected = times[(peer, case)] / times[(peer, "plain (256,256)")]
-        assert ratio == f"{expected:.2f}x"
+    assert t.title.startswith("stored run: " + runs[0]["machine"]["cpu"])
+    assert {row[0] for row in t.rows} == {str(run["machine"]["torch_threads"]) for run in runs}
+    for run in runs:
+        times = {(r["peer"], r["case"]): r["time_s"] for r in run["rows"]}
+        mine = [row for row in t.rows if row[0] == str(run["machine"]["torch_threads"])]
+        assert {row[1] for row in mine} == {"blocked", "chunked"}
+        for threads, peer, case, plain, with_it, ratio, extra in mine:
+            expected = times[(peer, case)] / times[(peer, "plain (256,256)")]
+            assert ratio == f"{expected:.2f}x"
     with pytest.raises(KeyError, match="no stored extension case starts with 'nothing'"):
         extension_costs("nothing")

@@ -381,6 +381,7 @@ def cpu_bench_figure(data: dict, window=(256, 256)):
         ms = {(r["n"], r["peer"]): r["time_s"] * 1e3 for r in sel}
         series = {p: [ms.get((n, p)) for n in ns] for p in data["config"]["peers"] if any((n, p) in ms for n in ns)}
         plot_scaling(ns, series, ax=ax, ylabel="forward time (ms)", title=f"{t} thread{'s' * (t > 1)}")
+        ax.set_xticks(ns, [f"{n // 1024}k" if n >= 1024 else str(n) for n in ns])  # half a column: short labels
     fig.suptitle(f"{data['machine']['cpu']}: window {tuple(window)}, fp32, B=1, H=4, D=64", fontsize=_MIN_FONT + 1)
     fig.tight_layout()
     return fig

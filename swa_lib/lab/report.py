@@ -156,30 +156,28 @@ def _numeric(cell: str) -> bool:
 
 
 def extension_costs(case: str) -> Table:
-    """What one extension costs in the stored CPU benchmark (``benchmarks/cpu.py``, its
-    ``extensions`` runs): per backend, the plain window against the rows whose case starts with
-    ``case`` (``"+16"`` for global tokens, ``"dilation"``), once with fresh memory for every
-    temporary and once with memory reused. The machine that made the numbers is the first line."""
+    """What one extension costs in the stored CPU benchmark (``benchmarks/cpu.py --extensions``):
+    per thread count and backend, the plain window against the rows whose case starts with
+    ``case`` (``"+16"`` for global tokens, ``"dilation"``). The machine that made the numbers
+    is in the title."""
     from . import results  # the stored results; loaded only when a chapter asks
 
-    stored = results.load("cpu_bench")
-    runs = [("extensions", "fresh for every temporary"), ("extensions_timing_only", "reused")]
+    runs = results.load("cpu_bench")["extensions"]
     rows, machines = [], set()
-    for key, memory in runs:
-        run = stored[key]
+    for run in runs:
         m = run["machine"]
-        machines.add(f"{m['cpu']}, {m['torch_threads']} thread(s)")
+        machines.add(m["cpu"])
         base = {r["peer"]: r["time_s"] for r in run["rows"] if r["case"].startswith("plain")}
         for r in run["rows"]:
             if r["case"].startswith(case):
                 plain, with_ext = base[r["peer"]], r["time_s"]
-                rows.append([memory, r["peer"], r["case"], f"{plain * 1e3:.0f}",
+                rows.append([m["torch_threads"], r["peer"], r["case"], f"{plain * 1e3:.0f}",
                              f"{with_ext * 1e3:.0f}", f"{with_ext / plain:.2f}x",
                              f"{(with_ext - plain) * 1e3:+.0f}"])
     if not rows:
         raise KeyError(f"no stored extension case starts with {case!r}")
-    title = "stored run: " + "; ".join(sorted(machines)) + ", N = 16384"
-    return Table(["memory", "backend", "case", "plain ms", "with it ms", "ratio", "extra ms"], rows,
+    title = "stored run: " + "; ".join(sorted(machines)) + ", N = 16384, window (256, 256)"
+    return Table(["threads", "backend", "case", "plain ms", "with it ms", "ratio", "extra ms"], rows,
                  title=title)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from swa_lib import AttentionPattern, RollingKVCache, dense_attention, loop_attention, sliding_window_attention
+from swa_lib.attention import global_mask
 
 tk = pytest.importorskip("swa_lib.backends.triton", reason="triton is not installed")
 if not tk.INTERPRETER:
@@ -40,13 +41,6 @@ def _max_errors(a, b):
     return [float((x - y).abs().max()) for x, y in zip(a, b)]
 
 
-def _global(b, n, positions):
-    g = torch.zeros(b, n, dtype=torch.bool)
-    for row, pos in enumerate(positions):
-        g[row, pos] = True
-    return g
-
-
 # (name, B, H, H_kv, N_q, N_k, pattern): prefill chunks and decoding, every feature
 CROSS = [
     ("decode_one_token", 1, 2, 1, 1, 37, AttentionPattern(5, 0)),
@@ -54,7 +48,7 @@ CROSS = [
     ("prefill_chunk", 1, 2, 1, 20, 37, AttentionPattern(7, 0)),
     ("prefill_symmetric", 2, 2, 2, 21, 40, AttentionPattern(6, 3)),
     ("everything", 1, 2, 1, 23, 41,
-     AttentionPattern(5, 2, dilation=(1, 2), sinks=2, global_tokens=_global(1, 41, [[3, 30, 39]]))),
+     AttentionPattern(5, 2, dilation=(1, 2), sinks=2, global_tokens=global_mask(torch.tensor([3, 30, 39]), 1, 41, "cpu"))),
 ]
 
 
@@ -81,7 +75,7 @@ def test_rolling_cache_decodes_through_the_kernel():
 
 
 @pytest.mark.parametrize("pattern", [AttentionPattern(7, 3), AttentionPattern(
-    4, 2, dilation=(1, 3), sinks=2, global_tokens=_global(1, 45, [[10, 44]]))], ids=["band", "features"])
+    4, 2, dilation=(1, 3), sinks=2, global_tokens=global_mask(torch.tensor([10, 44]), 1, 45, "cpu"))], ids=["band", "features"])
 def test_previous_variant_still_exact(pattern):
     """The three-loop, untransposed kernel, kept selectable until a GPU has timed both."""
     qkv, grad = _inputs(1, 2, 1, 45, 45, 16, seed=2)
@@ -97,7 +91,7 @@ def test_previous_variant_still_exact(pattern):
 def test_tma_descriptor_path_matches_pointer_loads():
     """The Hopper path loads band tiles through TMA descriptors (zero-filled past the rows); the
     interpreter runs it too. fp16 (descriptors need 16-byte strides), fewer queries than keys."""
-    pattern = AttentionPattern(6, 1, sinks=2, global_tokens=_global(1, 40, [[5, 33]]))
+    pattern = AttentionPattern(6, 1, sinks=2, global_tokens=global_mask(torch.tensor([5, 33]), 1, 40, "cpu"))
     qkv, grad = _inputs(1, 2, 1, 27, 40, 16, seed=5)
     ref = _run(lambda q, k, v: dense_attention(q, k, v, pattern, 0.25), qkv, grad, torch.float64)
     peer = _run(lambda q, k, v: dense_attention(q, k, v, pattern, 0.25), qkv, grad, torch.float16)
@@ -144,7 +138,7 @@ def test_sink_and_global_work_split_into_chunks_is_exact():
     sink and global keys run as several programs whose partial results are added up."""
     n = 530
     assert tk.tilemap.chunk_size(n, 3, 0) < n
-    pattern = AttentionPattern(3, 0, sinks=2, global_tokens=_global(1, n, [[7, 300, 529]]))
+    pattern = AttentionPattern(3, 0, sinks=2, global_tokens=global_mask(torch.tensor([7, 300, 529]), 1, n, "cpu"))
     qkv, grad = _inputs(1, 1, 1, n, n, 16, seed=7)
     ours = _run(lambda q, k, v: tk.triton_attention(q, k, v, pattern, 0.25, blocks=(64, 64)), qkv, grad,
                 torch.float32)
@@ -157,6 +151,6 @@ def test_no_program_walks_much_more_than_the_median(kind):
     """At N = 32k with 64 x 128 tiles, window (256, 0), 4 sinks and 2 global tokens, the busiest
     program walks at most 4x the median (before the split: 512 tiles against 6)."""
     n = 32768
-    pattern = AttentionPattern(256, 0, sinks=4, global_tokens=_global(1, n, [[100, 20000]]))
+    pattern = AttentionPattern(256, 0, sinks=4, global_tokens=global_mask(torch.tensor([100, 20000]), 1, n, "cpu"))
     most, median = tk.load_balance(n, pattern, 64, 128, kind)
     assert most <= 4 * median, (most, median)

@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import swa_lib  # noqa: E402
 from cpu_peers import PEERS, NotApplicable, make_peer  # noqa: E402
 from swa_lib.lab import results  # noqa: E402
+from swa_lib.lab.results import load_average  # noqa: E402
+from swa_lib.lab.cpu_report import row  # noqa: E402
 from swa_lib.lab.cost import peak_memory  # noqa: E402
 from swa_lib.masks import visible_keys  # noqa: E402
 
@@ -63,13 +65,6 @@ SKIP_AFTER_S = 20.0  # a peer whose call took longer than this is not run at lar
 FLEX_SIZES = {4096, 16384, 65536}
 BUSY = ("import time, torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 1024)\n"
         "while True:\n    a @ a\n")
-
-
-def load_average() -> list:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def measure(fn, repeats: int, memory: bool):
@@ -208,44 +203,35 @@ def run_all(args) -> dict:
                 threads=threads_list)
 
 
-def find(rows, peer, n, direction="forward", threads=None, load=0, window=(256, 256)):
-    for r in rows:
-        if (r["peer"], r["n"], r["direction"], r["load"], tuple(r["window"])) == (peer, n, direction, load, window) \
-                and (threads is None or r["threads"] == threads):
-            return r
-    return None
-
-
 def targets(result: dict) -> dict:
     """The issue's targets, evaluated on this run (None where a number is missing)."""
-    rows, gemm, out = result["rows"], result["gemm_gflops"], {}
+    gemm, out = result["gemm_gflops"], {}
 
     def ratio(a, b):
         return round(a["time_s"] / b["time_s"], 2) if a and b else None
 
     for t in result["threads"]:
-        ours = find(rows, "blocked", 16384, threads=t)
-        out[f"{t} thread(s): forward 16k, Flex / ours (>= 1.5)"] = ratio(find(rows, "flex_compiled", 16384, threads=t), ours)
+        ours = row(result, "blocked", 16384, threads=t)
+        out[f"{t} thread(s): forward 16k, Flex / ours (>= 1.5)"] = ratio(row(result, "flex_compiled", 16384, threads=t), ours)
         out[f"{t} thread(s): forward 16k, % of GEMM (>= 60)"] = \
             round(100 * ours["gflops"] / gemm[str(t)], 1) if ours else None
-        ours_train = find(rows, "blocked", 16384, "train", t)
-        out[f"{t} thread(s): fwd+bwd 16k, HF / ours (>= 5)"] = ratio(find(rows, "hf_longformer", 16384, "train", t), ours_train)
+        ours_train = row(result, "blocked", 16384, "train", t)
+        out[f"{t} thread(s): fwd+bwd 16k, HF / ours (>= 5)"] = ratio(row(result, "hf_longformer", 16384, "train", t), ours_train)
         out[f"{t} thread(s): fwd+bwd 16k, dense SDPA / ours (>= 10)"] = \
-            ratio(find(rows, "sdpa_dense", 16384, "train", t), ours_train)
+            ratio(row(result, "sdpa_dense", 16384, "train", t), ours_train)
         for n in (4096, 16384):
-            hf, ch = find(rows, "hf_longformer", n, threads=t), find(rows, "chunked", n, threads=t)
+            hf, ch = row(result, "hf_longformer", n, threads=t), row(result, "chunked", n, threads=t)
             out[f"{t} thread(s): chunked {n}, HF / chunked time (>= 1)"] = ratio(hf, ch)
             out[f"{t} thread(s): chunked {n}, peak MiB chunked vs HF"] = \
                 [round(ch["peak_mib"], 1), round(hf["peak_mib"], 1)] if hf and ch else None
-        big = find(rows, "blocked", 65536, threads=t)
+        big = row(result, "blocked", 65536, threads=t)
         out[f"{t} thread(s): forward 64k peak MiB (< 300)"] = round(big["peak_mib"], 1) if big else None
-        train = find(rows, "blocked", 16384, "train", t)
-        out[f"{t} thread(s): fwd+bwd 16k peak MiB"] = round(train["peak_mib"], 1) if train else None
+        out[f"{t} thread(s): fwd+bwd 16k peak MiB"] = round(ours_train["peak_mib"], 1) if ours_train else None
     default = max(result["threads"])
-    for load in sorted({r["load"] for r in rows} - {0}):
-        quiet, busy = find(rows, "blocked", 16384, threads=default), find(rows, "blocked", 16384, load=load)
+    for load in sorted({r["load"] for r in result["rows"]} - {0}):
+        quiet, busy = row(result, "blocked", 16384, threads=default), row(result, "blocked", 16384, load=load)
         out[f"{load} busy: ours busy / quiet (<= 2)"] = ratio(busy, quiet)
-        out[f"{load} busy: Flex / ours under load (>= 1)"] = ratio(find(rows, "flex_compiled", 16384, load=load), busy)
+        out[f"{load} busy: Flex / ours under load (>= 1)"] = ratio(row(result, "flex_compiled", 16384, load=load), busy)
     return out
 
 

@@ -9,27 +9,20 @@ extension_costs``).
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import torch
 
 import swa_lib
 from swa_lib.lab import results
+from swa_lib.lab.results import load_average
 
 B, H, D = 1, 4, 64
 
 
-def _load_average() -> list:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def run_extensions(n: int, repeats: int, backends=("blocked", "chunked")) -> dict:
     """The rows and the ratios to the plain window, with the machine that made them."""
-    info = dict(results.machine(), load_average_start=_load_average())
+    info = dict(results.machine(), load_average_start=load_average())
     print(f"# extensions, {info['torch_threads']} thread(s), load average {info['load_average_start']}", flush=True)
     gen = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(B, H, n, D, generator=gen) for _ in range(3))
@@ -62,4 +55,4 @@ def run_extensions(n: int, repeats: int, backends=("blocked", "chunked")) -> dic
                                                        cpu=round(r["cpu_s"] / base[r["peer"]]["cpu_s"], 2))
               for r in rows if not r["case"].startswith("plain")}
     print("ratios:", json.dumps(ratios, indent=1))
-    return dict(machine=info, load_average_end=_load_average(), rows=rows, ratios=ratios)
+    return dict(machine=info, load_average_end=load_average(), rows=rows, ratios=ratios)

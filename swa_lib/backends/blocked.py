@@ -51,7 +51,8 @@ from typing import Optional
 import torch
 
 from .bands import DEFAULT_BLOCK_SIZE, Plan, band_view, fold, make_plan, padded_rows, rows_view
-from .common import check_backend_args, check_band_args, compute_dtype, empty_output, refuse_double_backward
+from .common import (check_backend_args, check_band_args, compute_dtype, empty_output, in_compute_dtype,
+                     refuse_double_backward)
 from .slabs import additive_mask, explicit_backward, explicit_forward, fused_available, fused_forward
 from .workers import run_pieces, scratch_buffer, worker_count
 from ..masks import AttentionPattern, check_int
@@ -74,8 +75,7 @@ class _Call:
 
     def __init__(self, q, k, v, left: int, right: int, scale: float, block: Optional[int], fused: bool = True):
         cdt = compute_dtype(q.dtype)
-        self.q, self.k, self.v = (x.detach().to(cdt) for x in (q, k, v))
-        self.q, self.k, self.v = (x if x.stride(-1) == 1 else x.contiguous() for x in (self.q, self.k, self.v))
+        self.q, self.k, self.v = (in_compute_dtype(x, cdt) for x in (q, k, v))
         self.batch, self.heads, self.n_q, self.d = q.shape
         self.heads_kv, self.d_v = k.shape[1], v.shape[3]
         self.group = self.heads // self.heads_kv
@@ -96,12 +96,14 @@ class _Call:
         return sorted(((h, i) for h in range(heads) for i in range(len(segs))),
                       key=lambda hi: segs[hi[1]][0] - segs[hi[1]][1])
 
-    def edges(self, seg: int) -> list:
-        """Exact masks ``[(a, b, allowed)]`` of slab ``seg``'s edge blocks ``a .. b - 1``."""
+    def mask(self, seg: int) -> torch.Tensor:
+        """Slab ``seg``'s additive mask: the shared band mask, with exact masks for its edge
+        blocks (with stride 0, for all of them) on top."""
         plan = self.plan
         t0, t1 = plan.segments[seg]
         ranges = plan.edges(t0, t1) if plan.stride else [(t0, t1)]
-        return [(a - t0, b - t0, plan.exact_mask(a, b, self.q.device)) for a, b in ranges]
+        edges = [(a - t0, b - t0, plan.exact_mask(a, b, self.q.device)) for a, b in ranges]
+        return additive_mask(self.static, edges, t1 - t0, self.q)
 
     def inputs(self, b: int, h: int, seg: int, extra=()):
         """Queries ``(ns, Bq, D)`` of head ``h`` in slab ``seg``, key and value bands
@@ -153,11 +155,10 @@ class _BandFunction(torch.autograd.Function):
             o = call.rows(out[b, h], seg, scratch, "o")
             m = call.rows(lse[b, h], seg, scratch, "m") if with_lse else None
             if call.fused:
-                mask = additive_mask(call.static, call.edges(seg), qb.shape[0], out)
-                fused_forward(qb, kb, vb, mask, call.scale, o, m)
+                fused_forward(qb, kb, vb, call.mask(seg), call.scale, o, m)
             else:
                 s = scratch_buffer(scratch, "s", (qb.shape[0], plan.block, plan.band), out)
-                explicit_forward(qb, kb, vb, call.static, call.edges(seg), call.scale, s, o, m)
+                explicit_forward(qb, kb, vb, call.mask(seg), call.scale, s, o, m)
             call.store(out[b, h], seg, o)
             if with_lse:
                 call.store(lse[b, h], seg, m)
@@ -182,8 +183,7 @@ class _BandFunction(torch.autograd.Function):
         plan, segs = call.plan, call.plan.segments
         if d_out is None:
             d_out = torch.zeros_like(out)
-        d_out = d_out.to(q.dtype)
-        d_out = d_out if d_out.stride(-1) == 1 else d_out.contiguous()
+        d_out = in_compute_dtype(d_out, q.dtype)
         d_lse = d_lse.to(q.dtype)[..., None] if d_lse is not None and d_lse.numel() else None
         dq = torch.empty_like(q)
         kv_heads = call.batch * call.heads_kv
@@ -201,7 +201,7 @@ class _BandFunction(torch.autograd.Function):
                 ns = segs[seg][1] - segs[seg][0]
                 dk_band = scratch_buffer(scratch, "dk", (ns, plan.band, call.d), q)
                 dv_band = scratch_buffer(scratch, "dv", (ns, plan.band, call.d_v), q)
-                edges = call.edges(seg)
+                mask = call.mask(seg)
                 for g in range(call.group):  # the query heads of this key/value head, in order
                     h = hk * call.group + g
                     qb, kb, vb, dob, ob = call.inputs(b, h, seg, extra=(d_out[b, h], out[b, h]))
@@ -211,7 +211,7 @@ class _BandFunction(torch.autograd.Function):
                         deltab -= call.inputs(b, h, seg, extra=(d_lse[b, h],))[3]
                     s = scratch_buffer(scratch, "s", (ns, plan.block, plan.band), q)
                     dqb = call.rows(dq[b, h], seg, scratch, "dq")
-                    explicit_backward(dob, qb, kb, vb, deltab, call.static, edges, call.scale, s,
+                    explicit_backward(dob, qb, kb, vb, deltab, mask, call.scale, s,
                                       scratch_buffer(scratch, "ds", s.shape, q), dqb, dk_band, dv_band, accumulate=g > 0)
                     call.store(dq[b, h], seg, dqb)
                 fold(dk_sum, dk_band, plan, segs[seg][0] - start)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .chunked_slabs import band_mask as _band_mask  # the one band mask, shared with the inference path
 from .chunked_slabs import chunked_band_inference
 from .common import check_backend_args, check_band_args, compute_dtype, empty_output
 from .dense import expand_kv
@@ -146,18 +147,6 @@ def sliding_chunks_values(p: torch.Tensor, v: torch.Tensor, w: int) -> torch.Ten
     first = F.pad(out[:, :, :w], (0, 0, 0, 0, 0, 1))  # block c from chunk c    (BH, C+1, w, Dv)
     second = F.pad(out[:, :, w:], (0, 0, 0, 0, 1, 0))  # block c from chunk c-1 (BH, C+1, w, Dv)
     return (first + second).flatten(1, 2)
-
-
-def _band_mask(n: int, n_pad: int, w: int, left: int, right: int, device) -> torch.Tensor:
-    """``(n_pad, 2w+1)`` True where the band entry is a visible key of a real query.
-
-    Padding rows (``i >= n``) stay fully visible so that they remain finite; they are dropped.
-    """
-    i = torch.arange(n_pad, device=device)[:, None]
-    t = torch.arange(2 * w + 1, device=device)[None, :]
-    j = i - w + t  # key position of band entry (i, t)
-    ok = (t >= w - left) & (t <= w + right) & (j >= 0) & (j < n)
-    return ok | (i >= n)
 
 
 def chunked_band_attention(

@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 
 from .bands import SLAB_SCORES, padded_rows
+from .common import in_compute_dtype
 from .workers import run_pieces, scratch_buffer
 
-__all__ = ["chunked_band_inference", "skewed_halves"]
+__all__ = ["chunked_band_inference", "skewed_halves", "band_mask"]
 
 
 def skewed_halves(chunks: torch.Tensor, w: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +58,19 @@ def _chunks(rows: torch.Tensor, w: int, count: int) -> torch.Tensor:
     return rows.as_strided((count, 2 * w, rows.shape[1]), (w * step, step, 1), rows.storage_offset())
 
 
+def band_mask(n: int, rows: int, w: int, left: int, right: int, device, first_row: int = 0) -> torch.Tensor:
+    """``(rows, 2w+1)`` True where the band entry is a visible key of a real query, for the
+    query positions ``first_row .. first_row + rows - 1``.
+
+    Padding rows (``i >= n``) stay fully visible so that they remain finite; they are dropped.
+    """
+    i = torch.arange(first_row, first_row + rows, device=device)[:, None]
+    t = torch.arange(2 * w + 1, device=device)[None, :]
+    j = i - w + t  # key position of band entry (i, t)
+    ok = (t >= w - left) & (t <= w + right) & (j >= 0) & (j < n)
+    return ok | (i >= n)
+
+
 def chunked_band_inference(q, k, v, left: int, right: int, scale: float, with_lse: bool = True):
     """:func:`swa_lib.backends.chunked.chunked_band_attention` without autograd: ``(out, lse)``
     for checked, non-empty arguments, computed slab by slab (see the module docstring)."""
@@ -66,15 +80,13 @@ def chunked_band_inference(q, k, v, left: int, right: int, scale: float, with_ls
     offset = n_k - n_q
     left, right = min(left, n_k - 1), min(right, n_k - 1)
     w = max(left, right, 1)
-    cdt = torch.promote_types(q.dtype, torch.float32)
-    q, k, v = (x.to(cdt) for x in (q, k, v))
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = torch.empty(batch, heads, n_q, d_v, dtype=cdt, device=q.device)
-    lse = torch.empty(batch, heads, n_q, dtype=cdt, device=q.device) if with_lse else None
+    q, k, v = (in_compute_dtype(x) for x in (q, k, v))
+    out = torch.empty(batch, heads, n_q, d_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, n_q, dtype=q.dtype, device=q.device) if with_lse else None
     t = torch.arange(2 * w + 1, device=q.device)
     window = (t >= w - left) & (t <= w + right)  # (2w + 1,): offsets inside the window
     column_mask = None if bool(window.all()) else \
-        torch.zeros(2 * w + 1, dtype=cdt, device=q.device).masked_fill_(~window, float("-inf"))
+        torch.zeros(2 * w + 1, dtype=q.dtype, device=q.device).masked_fill_(~window, float("-inf"))
     per_piece = max(1, SLAB_SCORES // (4 * w * w))  # blocks per piece: a few chunk matrices
     last = -(-n_k // w)  # blocks holding real queries: offset // w .. last - 1
     starts = list(range(offset // w, last, per_piece))
@@ -97,10 +109,8 @@ def chunked_band_inference(q, k, v, left: int, right: int, scale: float, with_ls
         band[:, :, :w].copy_(sk_left)
         band[:, :, w:].copy_(sk_right)
         if not inside:  # keys or queries past either end: the exact mask
-            pos = c0 * w + torch.arange(nb * w, device=q.device).view(nb, w, 1)  # query positions
-            key = pos - w + t
-            ok = window & (key >= 0) & (key < n_k)
-            band.masked_fill_(~(ok | (pos < offset) | (pos >= n_k)), float("-inf"))
+            ok = band_mask(n_k, nb * w, w, left, right, q.device, first_row=c0 * w)
+            band.masked_fill_(~ok.view(nb, w, 2 * w + 1), float("-inf"))
         elif column_mask is not None:
             band.add_(column_mask)
         probs = scratch_buffer(scratch, "probs", band.shape, q)

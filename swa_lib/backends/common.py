@@ -7,7 +7,8 @@ import torch
 
 from ..masks import check_int
 
-__all__ = ["compute_dtype", "refuse_double_backward", "check_backend_args", "check_band_args", "empty_output"]
+__all__ = ["compute_dtype", "in_compute_dtype", "refuse_double_backward", "check_backend_args", "check_band_args",
+           "empty_output"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -15,6 +16,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     bfloat16 inputs (a float16 dot product overflows at 65504, long before softmax would), the
     input dtype for float32 and float64. Outputs are rounded back to the input dtype once."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def in_compute_dtype(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``x`` detached, in ``dtype`` (default: :func:`compute_dtype` of its own), with contiguous
+    rows (last dim stride 1) so that strided views of its rows can feed matrix products; copied
+    only where needed."""
+    x = x.detach().to(compute_dtype(x.dtype) if dtype is None else dtype)
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def refuse_double_backward(backend: str) -> None:

@@ -41,9 +41,10 @@ def fused_available(q: torch.Tensor, d_v: int) -> bool:
 
 
 def additive_mask(static: Optional[torch.Tensor], edges: list, ns: int, like: torch.Tensor) -> torch.Tensor:
-    """The slab's mask as 0/-inf: ``static (Bq, L)`` for all blocks, with the exact masks
-    ``[(a, b, allowed (b - a, Bq, L))]`` of edge blocks ``a .. b - 1`` on top, as ``(ns, 1, Bq, L)``
-    when there are edge blocks (else the shared ``static`` itself)."""
+    """The slab's mask as 0/-inf, the one both ways of computing a slab take: ``static (Bq, L)``
+    for all blocks, with the exact masks ``[(a, b, allowed (b - a, Bq, L))]`` of edge blocks
+    ``a .. b - 1`` on top, as ``(ns, 1, Bq, L)`` when there are edge blocks (else the shared
+    ``static`` itself)."""
     if not edges:
         return static
     bq, band = edges[0][2].shape[1:]
@@ -62,22 +63,17 @@ def fused_forward(qb, kb, vb, mask, scale: float, o_dest, m_dest) -> None:
         m_dest.copy_(lse[:, 0, :, None])
 
 
-def _scores(qb, kb, static, edges, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """Masked scores ``(ns, Bq, L)`` into ``out``: the shared band mask rides along in the
-    product as its additive input; the exact masks of edge blocks go on top."""
-    if static is not None:
-        torch.baddbmm(static.expand(qb.shape[0], -1, -1), qb, kb.transpose(1, 2), alpha=scale, out=out)
-    else:
-        out.baddbmm_(qb, kb.transpose(1, 2), beta=0, alpha=scale)
-    for a, b, allowed in edges:
-        out[a:b].masked_fill_(~allowed, float("-inf"))
-    return out
+def _scores(qb, kb, mask, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Masked scores ``(ns, Bq, L)`` into ``out``: the slab's mask (:func:`additive_mask`) rides
+    along in the product as its additive input."""
+    m = mask.expand(qb.shape[0], -1, -1) if mask.dim() == 2 else mask[:, 0]
+    return torch.baddbmm(m, qb, kb.transpose(1, 2), alpha=scale, out=out)
 
 
-def explicit_forward(qb, kb, vb, static, edges, scale: float, s: torch.Tensor, o_dest, m_dest) -> None:
+def explicit_forward(qb, kb, vb, mask, scale: float, s: torch.Tensor, o_dest, m_dest) -> None:
     """The slab step by step: scores into the buffer ``s (ns, Bq, L)``, softmax in place,
     output into ``o_dest``; the log-sum-exp into ``m_dest`` unless it is None."""
-    _scores(qb, kb, static, edges, scale, s)
+    _scores(qb, kb, mask, scale, s)
     if m_dest is not None:
         torch.amax(s, -1, keepdim=True, out=m_dest)
     torch.ops.aten._softmax.out(s, -1, False, out=s)  # every row sees a key: finite
@@ -86,13 +82,13 @@ def explicit_forward(qb, kb, vb, static, edges, scale: float, s: torch.Tensor, o
         m_dest.sub_(s.amax(-1, keepdim=True).log_())
 
 
-def explicit_backward(dob, qb, kb, vb, deltab, static, edges, scale: float, s: torch.Tensor, ds: torch.Tensor,
+def explicit_backward(dob, qb, kb, vb, deltab, mask, scale: float, s: torch.Tensor, ds: torch.Tensor,
                       dq_dest, dk_band, dv_band, accumulate: bool) -> None:
     """The slab's gradients step by step (FlashAttention's backward formulas), recomputing the
     probabilities into the buffer ``s`` and the score gradients into ``ds`` (both ``(ns, Bq,
     L)``). ``deltab (ns, Bq, 1)``: ``rowsum(dO * O)`` minus the gradient arriving through the
     log-sum-exp."""
-    _scores(qb, kb, static, edges, scale, s)
+    _scores(qb, kb, mask, scale, s)
     p = torch.ops.aten._softmax.out(s, -1, False, out=s)
     beta = 1 if accumulate else 0
     dv_band.baddbmm_(p.transpose(1, 2), dob, beta=beta)  # dV_band = P^T dO

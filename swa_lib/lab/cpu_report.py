@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .report import Table
 
-__all__ = ["rows", "forward_table", "training_table", "load_table", "summary_table"]
+__all__ = ["rows", "row", "forward_table", "training_table", "load_table", "summary_table"]
 
 
 def rows(data: dict, peer: str, n: int, direction: str = "forward", threads=None, load: int = 0,
@@ -22,7 +22,8 @@ def _ms(r) -> str:
     return f"{r['time_s'] * 1e3:,.1f}" if r else "-"
 
 
-def _one(data, *args, **kwargs):
+def row(data: dict, *args, **kwargs):
+    """The first of :func:`rows` (same arguments), or None."""
     found = rows(data, *args, **kwargs)
     return found[0] if found else None
 
@@ -36,7 +37,7 @@ def forward_table(data: dict, window=(256, 256)) -> Table:
                     if r["direction"] == "forward" and r["load"] == 0 and tuple(r["window"]) == tuple(window)})
     body = []
     for n, _, peer in cases:
-        by_t = {t: _one(data, peer, n, threads=t, window=window) for t in threads}
+        by_t = {t: row(data, peer, n, threads=t, window=window) for t in threads}
         last = by_t[top]
         body.append([peer, f"{n:,}", *(_ms(by_t[t]) for t in threads),
                      f"{last['gflops']:.1f}" if last else "-", f"{last['peak_mib']:.1f}" if last else "-"])
@@ -51,7 +52,7 @@ def training_table(data: dict) -> Table:
     body = []
     for n in data["config"]["train_sizes"]:
         for peer in data["config"]["peers"]:
-            by_t = {t: _one(data, peer, n, "train", threads=t) for t in threads}
+            by_t = {t: row(data, peer, n, "train", threads=t) for t in threads}
             if peer == "flex_compiled":
                 body.append([peer, f"{n:,}", *("no CPU backward" for _ in threads), "-"])
             elif any(by_t.values()):
@@ -69,8 +70,8 @@ def load_table(data: dict) -> Table:
     body = []
     for direction in ("forward", "train"):
         for peer in data["config"]["peers"]:
-            quiet = _one(data, peer, 16384, direction, threads=top)
-            busy = [_one(data, peer, 16384, direction, load=x) for x in loads]
+            quiet = row(data, peer, 16384, direction, threads=top)
+            busy = [row(data, peer, 16384, direction, load=x) for x in loads]
             if quiet and any(busy):
                 cells = [f"{_ms(b)} ({b['time_s'] / quiet['time_s']:.1f}x)" if b else "-" for b in busy]
                 body.append([peer, "forward" if direction == "forward" else "fwd + bwd", _ms(quiet), *cells])
@@ -82,11 +83,11 @@ def summary_table(data: dict) -> Table:
     """The ratios the text quotes: at n = 16384, window (256, 256), per thread count."""
     body = []
     for t in data["threads"]:
-        ours = _one(data, "blocked", 16384, threads=t)
-        flex = _one(data, "flex_compiled", 16384, threads=t)
-        train = _one(data, "blocked", 16384, "train", threads=t)
-        hf_train = _one(data, "hf_longformer", 16384, "train", threads=t)
-        dense_train = _one(data, "sdpa_dense", 16384, "train", threads=t)
+        ours = row(data, "blocked", 16384, threads=t)
+        flex = row(data, "flex_compiled", 16384, threads=t)
+        train = row(data, "blocked", 16384, "train", threads=t)
+        hf_train = row(data, "hf_longformer", 16384, "train", threads=t)
+        dense_train = row(data, "sdpa_dense", 16384, "train", threads=t)
         ratio = lambda a, b: f"{a['time_s'] / b['time_s']:.2f}x" if a and b else "-"  # noqa: E731
         gemm = data["gemm_gflops"][str(t)]
         body.append([t, f"{gemm:.0f}", f"{100 * ours['gflops'] / gemm:.0f}%" if ours else "-", ratio(flex, ours),

@@ -12,7 +12,7 @@ import platform
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["load", "machine", "path"]
+__all__ = ["load", "machine", "path", "load_average"]
 
 
 def path(name: str) -> Path:
@@ -43,3 +43,12 @@ def machine() -> dict:
         pass
     return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 python=platform.python_version())
+
+
+def load_average() -> list:
+    """The system's 1, 5 and 15 minute load averages, rounded (empty where the OS has none):
+    stored with timings, which another busy program slows down."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []

@@ -277,6 +277,16 @@ def _needed_tiles(pattern, n, bm, bn, n_q=None):
     return blocks.reshape(n_qb, bm, n_kb, bn).any(3).any(1)  # (n_qb, n_kb)
 
 
+def _assert_band_query_blocks(n, left, right, bm, bn, n_q=None):
+    """The dk/dv kernel's query blocks [lo, hi) of each key block = the blocks holding a query
+    that sees it through the band (what a sink key adds beyond it is the column pass's)."""
+    band = _needed_tiles(AttentionPattern(left, right), n, bm, bn, n_q)
+    for kb in range(band.shape[1]):
+        lo, hi = tk.query_block_range(kb * bn, bm, bn, n, left, right, n_q=n_q)
+        rows = torch.nonzero(band[:, kb]).flatten().tolist()
+        assert list(range(lo, hi)) == (list(range(rows[0], rows[-1] + 1)) if rows else []), kb
+
+
 @pytest.mark.parametrize("n,left,right,sinks,bm,bn", [
     (1, 0, 0, 0, 16, 16), (37, 5, 0, 0, 16, 16), (130, 7, 3, 0, 16, 32), (130, 130, 130, 0, 32, 16),
     (200, 40, 0, 5, 64, 32), (97, 0, 9, 40, 16, 16),
@@ -287,13 +297,7 @@ def test_loop_bounds_cover_exactly_the_needed_blocks(n, left, right, sinks, bm, 
     the band (what a sink key adds beyond it is the column pass's, over every query block)."""
     pattern = AttentionPattern(left, right, sinks=sinks)
     assert torch.equal(tk.visited_tiles(n, pattern, bm, bn), _needed_tiles(pattern, n, bm, bn))
-    band = _needed_tiles(AttentionPattern(left, right), n, bm, bn)
-    for kb in range(band.shape[1]):
-        lo, hi = tk.query_block_range(kb * bn, bm, bn, n, left, right)
-        rows = torch.nonzero(band[:, kb]).flatten()
-        assert lo == int(rows.min()) and hi == int(rows.max()) + 1
-
-
+    _assert_band_query_blocks(n, left, right, bm, bn)
 
 
 @settings(max_examples=40, deadline=None)
@@ -305,11 +309,7 @@ def test_visited_tiles_property(n, left, right, sinks, bm, bn, n_q):
     n_q = min(n_q, n)
     pattern = AttentionPattern(left, right, sinks=sinks)
     assert torch.equal(tk.visited_tiles(n, pattern, bm, bn, n_q=n_q), _needed_tiles(pattern, n, bm, bn, n_q))
-    band = _needed_tiles(AttentionPattern(left, right), n, bm, bn, n_q)
-    for kb in range(band.shape[1]):
-        lo, hi = tk.query_block_range(kb * bn, bm, bn, n, left, right, n_q=n_q)
-        rows = torch.nonzero(band[:, kb]).flatten().tolist()
-        assert list(range(lo, hi)) == (list(range(rows[0], rows[-1] + 1)) if rows else [])
+    _assert_band_query_blocks(n, left, right, bm, bn, n_q)
 
 
 def test_tiles_grow_linearly_with_n():

@@ -149,7 +149,7 @@ def test_sink_and_global_work_split_into_chunks_is_exact():
 @pytest.mark.parametrize("kind", ["fwd", "dkdv"])
 def test_no_program_walks_much_more_than_the_median(kind):
     """At N = 32k with 64 x 128 tiles, window (256, 0), 4 sinks and 2 global tokens, the busiest
-    program walks at most 4x the median (before the split: 512 tiles against 6)."""
+    program walks at most 4x the median (before the split one program walked n / BLOCK_N = 512 tiles)."""
     n = 32768
     pattern = AttentionPattern(256, 0, sinks=4, global_tokens=global_mask(torch.tensor([100, 20000]), 1, n, "cpu"))
     most, median = tk.load_balance(n, pattern, 64, 128, kind)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-__all__ = ["ARCHS", "CONFIGS", "KINDS", "MIN_AUTO_CAPABILITY", "Arch", "arch_of", "smem_bytes", "fitting",
-           "unfit_reason"]
+__all__ = ["ARCHS", "CONFIGS", "KINDS", "MIN_AUTO_CAPABILITY", "Arch", "arch_of", "gpu_limits", "smem_bytes",
+           "fitting", "unfit_reason"]
 
 KINDS = ("fwd", "dq", "dkdv")
 
@@ -79,6 +79,18 @@ def arch_of(capability: tuple) -> int:
     return max(known)
 
 
+def gpu_limits(device) -> tuple:
+    """``(capability, arch, smem)`` of a CUDA device: its compute capability ``(major, minor)``,
+    the listed architecture it uses (:func:`arch_of`) and its shared memory per block (the opt-in
+    limit its properties report, else the architecture's)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    cap = (props.major, props.minor)
+    arch = arch_of(cap)
+    return cap, arch, getattr(props, "shared_memory_per_block_optin", ARCHS[arch].smem)
+
+
 def smem_bytes(kind: str, block_m: int, block_n: int, stages: int, head_dim: int, elem: int, arch: int) -> int:
     """Upper bound of the shared memory one program of ``kind`` needs on ``arch``, in bytes.
 
@@ -116,10 +128,7 @@ def unfit_reason(q, k, v=None) -> Optional[str]:
         return None
     import torch
 
-    props = torch.cuda.get_device_properties(q.device)
-    cap = (props.major, props.minor)
-    arch = arch_of(cap)
-    smem = getattr(props, "shared_memory_per_block_optin", ARCHS[arch].smem)
+    cap, arch, smem = gpu_limits(q.device)
     d, elem = q.shape[-1], q.element_size()
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
     short = [kind for kind in (KINDS if grad else KINDS[:1]) if not fitting(kind, arch, d, elem, smem)]

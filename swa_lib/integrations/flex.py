@@ -41,7 +41,10 @@ __all__ = ["to_mask_mod", "to_block_mask", "flex_attention"]
 BLOCK_SIZE = 128
 
 
-def _lengths(pattern, n_q, n_k) -> tuple[int, int]:
+def _checked(pattern, n_q, n_k, device) -> tuple[int, int, torch.device]:
+    """``(n_q, n_k, device)`` checked against ``pattern``, with the defaults filled in: ``n_k``
+    is ``n_q``, the device the global tokens' device, else FlexAttention's default (the
+    current accelerator, or the CPU)."""
     if not isinstance(pattern, AttentionPattern):
         raise TypeError(f"pattern must be a swa_lib.AttentionPattern (see swa_lib.make_pattern), "
                         f"got {type(pattern).__name__}")
@@ -52,17 +55,13 @@ def _lengths(pattern, n_q, n_k) -> tuple[int, int]:
     g = pattern.global_tokens
     if g is not None and g.shape[1] != n_k:
         raise ValueError(f"pattern.global_tokens has {g.shape[1]} positions but there are n_k={n_k} keys")
-    return n_q, n_k
-
-
-def _device(pattern: AttentionPattern, device) -> torch.device:
-    """``device``, else the global tokens' device, else FlexAttention's default (the current
-    accelerator, or the CPU)."""
     if device is not None:
-        return torch.device(device)
-    if pattern.global_tokens is not None:
-        return pattern.global_tokens.device
-    return torch.accelerator.current_accelerator() or torch.device("cpu")
+        device = torch.device(device)
+    elif g is not None:
+        device = g.device
+    else:
+        device = torch.accelerator.current_accelerator() or torch.device("cpu")
+    return n_q, n_k, device
 
 
 def to_mask_mod(pattern: AttentionPattern, n_q: int, n_k: Optional[int] = None, *,
@@ -75,8 +74,11 @@ def to_mask_mod(pattern: AttentionPattern, n_q: int, n_k: Optional[int] = None, 
     device the mask is evaluated on (default: see :func:`to_block_mask`). TypeError/ValueError
     for a pattern that does not fit the lengths.
     """
-    n_q, n_k = _lengths(pattern, n_q, n_k)
-    device = _device(pattern, device)
+    return _mask_mod(pattern, *_checked(pattern, n_q, n_k, device))
+
+
+def _mask_mod(pattern: AttentionPattern, n_q: int, n_k: int, device: torch.device) -> Callable:
+    """:func:`to_mask_mod` for arguments :func:`_checked` has passed."""
     shift = n_k - n_q  # query row r is position r + shift
     # sizes beyond the sequence behave as the sequence's own (so they fit int32 index tensors)
     left, right, sinks = min(pattern.left, n_k), min(pattern.right, n_k), min(pattern.sinks, n_k)
@@ -116,7 +118,7 @@ def to_block_mask(pattern: AttentionPattern, n_q: int, n_k: Optional[int] = None
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    n_q, n_k = _lengths(pattern, n_q, n_k)
+    n_q, n_k, device = _checked(pattern, n_q, n_k, device)
     heads = None
     if not isinstance(pattern.dilation, int):
         heads = len(pattern.dilation)
@@ -124,8 +126,7 @@ def to_block_mask(pattern: AttentionPattern, n_q: int, n_k: Optional[int] = None
             raise ValueError(f"pattern.dilation has {heads} entries (one per query head) "
                              f"but num_heads={num_heads}")
     batch = None if pattern.global_tokens is None else pattern.global_tokens.shape[0]
-    device = _device(pattern, device)
-    return create_block_mask(to_mask_mod(pattern, n_q, n_k, device=device), batch, heads, n_q, n_k,
+    return create_block_mask(_mask_mod(pattern, n_q, n_k, device), batch, heads, n_q, n_k,
                              device=device, BLOCK_SIZE=block_size)
 
 

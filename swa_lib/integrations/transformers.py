@@ -60,7 +60,7 @@ __all__ = ["register", "swa_lib_attention", "swa_lib_mask", "layer_window", "NAM
 #: The name to pass as ``attn_implementation``.
 NAME = "swa_lib"
 
-#: Query rows per block when the mask builder compares transformers' mask with the window.
+#: Query rows per block when a mask is compared with the window (no N x N temporaries).
 CHECK_ROWS = 256
 
 _UNSET = object()  # "sliding_window not passed", which differs from an explicit None (a full layer)
@@ -150,23 +150,32 @@ def swa_lib_mask(
 
 
 def _is_window(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, window, device) -> bool:
-    """Whether transformers' index-based ``mask_function`` allows exactly the pattern
-    ``window`` on the ``(q_length, kv_length)`` grid, the queries being the last keys; evaluated
-    in blocks of :data:`CHECK_ROWS` query rows."""
-    pattern = AttentionPattern(*window)
+    """Whether transformers' index-based ``mask_function`` allows exactly ``window`` on the
+    ``(q_length, kv_length)`` grid, the queries being the last keys."""
     batch = torch.arange(batch_size, device=device)[:, None, None, None]  # (B, 1, 1, 1)
     head = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]  # (1, 1, 1, 1)
     keys = (torch.arange(kv_length, device=device) + kv_offset)[None, None, None, :]  # (1, 1, 1, N_k)
-    for start in range(0, q_length, CHECK_ROWS):
-        stop = min(start + CHECK_ROWS, q_length)
-        rows = (torch.arange(start, stop, device=device) + q_offset)[None, None, :, None]  # (1, 1, n, 1)
-        got = mask_function(batch, head, rows, keys)  # broadcasts to (B or 1, 1, n, N_k)
-        # rows start..stop of the (q_length, kv_length) window: the same rows as the last ones
-        # of a grid whose keys end at the last of them, with no key after them visible (causal)
-        n_k = kv_length - (q_length - stop)
-        expected = pattern.mask(stop - start, n_k, device=device)  # (1, 1, n, n_k)
-        expected = torch.nn.functional.pad(expected, (0, kv_length - n_k))  # (1, 1, n, N_k)
-        if not bool((torch.as_tensor(got, device=device) == expected).all()):
+
+    def rows(start, stop):  # broadcasts to (B or 1, 1, n, N_k)
+        q = (torch.arange(start, stop, device=device) + q_offset)[None, None, :, None]  # (1, 1, n, 1)
+        return torch.as_tensor(mask_function(batch, head, q, keys), device=device)
+
+    return _equals_window(rows, q_length, kv_length, window)
+
+
+def _equals_window(rows, n_q: int, n_k: int, window) -> bool:
+    """Whether a boolean ``(..., n_q, n_k)`` mask, read ``rows(start, stop)`` (its query rows
+    ``start..stop``) :data:`CHECK_ROWS` rows at a time so that no ``n_q x n_k`` tensor is built,
+    is exactly the causal ``window`` with the queries as the last keys."""
+    pattern = AttentionPattern(*window)
+    for start in range(0, n_q, CHECK_ROWS):
+        stop = min(start + CHECK_ROWS, n_q)
+        got = rows(start, stop)
+        # rows start..stop of the (n_q, n_k) window: the same rows as the last ones of a grid
+        # whose keys end at the last of them, with no key after them visible (causal)
+        n = n_k - (n_q - stop)
+        expected = pattern.mask(stop - start, n, device=got.device)  # (1, 1, stop - start, n)
+        if not bool((got == torch.nn.functional.pad(expected, (0, n_k - n))).all()):
             return False
     return True
 
@@ -258,29 +267,31 @@ def _attention_with_mask(q, k, v, mask: torch.Tensor, window, scale, backend) ->
     ``last - r`` is largest. They must be consecutive rows, and their keys start at the first
     key any of them sees. Rows sharing a span run in one call; padded queries get zeros.
     """
-    n_k = k.shape[2]
-    rows = torch.arange(mask.shape[1], device=mask.device)  # (N_q,)
+    n_q, n_k = mask.shape[1:]
     sees_any = mask.any(-1)  # (B, N_q)
     last = n_k - 1 - mask.flip(-1).to(torch.int8).argmax(-1)  # (B, N_q): the last key seen
     first = mask.to(torch.int8).argmax(-1)  # (B, N_q): the first key seen
-    offset = torch.where(sees_any, last - rows, -1)  # (B, N_q): c for valid rows, less otherwise
+    offset = torch.where(sees_any, last - torch.arange(n_q, device=mask.device), -1)  # c, less if padded
+    c = offset.max(-1).values  # (B,)
+    valid = sees_any & (offset == c[:, None])  # (B, N_q): the valid queries
+    ends = n_q - valid.flip(-1).to(torch.int8).argmax(-1)  # (B,): one past the last valid row
+    # one read back for every batch row: (count, r0, r1, s, e), the number of valid queries,
+    # their rows r0..r1 and keys s..e (the first key they see to one past last[r1 - 1] = c + r1 - 1)
+    spans = torch.stack([valid.sum(-1), valid.to(torch.int8).argmax(-1), ends,
+                         torch.where(valid, first, n_k).min(-1).values, c + ends], -1).tolist()
     groups: dict = {}
-    for b in range(mask.shape[0]):
-        valid = (sees_any[b] & (offset[b] == offset[b].max())).nonzero().flatten()
-        if valid.numel() == 0:
-            continue
-        r0, r1 = int(valid[0]), int(valid[-1]) + 1
-        if valid.numel() != r1 - r0:
+    for b, (count, r0, r1, s, e) in enumerate(spans):
+        if count and count != r1 - r0:
             raise NotImplementedError(
                 f"batch row {b}: the attention mask's valid queries are not consecutive rows "
                 "(padding inside a sequence), which swa_lib does not split")
-        span = (r0, r1, int(first[b, r0:r1].min()), int(last[b, r1 - 1]) + 1)
-        groups.setdefault(span, []).append(b)
+        if count:
+            groups.setdefault((r0, r1, s, e), []).append(b)
     out = q.new_zeros(q.shape[:3] + v.shape[3:])  # (B, H, N_q, D_v)
     for (r0, r1, s, e), batch_rows in groups.items():
         idx = torch.tensor(batch_rows, device=q.device)
-        expected = AttentionPattern(*window).mask(r1 - r0, e - s, device=mask.device)[0]  # (1, nq, nk)
-        if not bool((mask[idx, r0:r1, s:e] == expected).all()):
+        span_mask = mask[idx, r0:r1, s:e]  # (G, r1 - r0, e - s)
+        if not _equals_window(lambda start, stop: span_mask[:, start:stop], r1 - r0, e - s, window):
             raise NotImplementedError(
                 f"batch rows {batch_rows}: the attention mask is not the causal window {window} plus padding "
                 "(packed documents, or a chunked, bidirectional or overlaid mask), which swa_lib does not compute")

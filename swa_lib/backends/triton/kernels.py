@@ -222,6 +222,9 @@ def bwd_dkdv_kernel(
     k_ptr = seq_ptr(K, bp, h_kv, k_start, stride_kb, stride_kh, stride_kn)
     v_ptr = seq_ptr(V, bp, h_kv, k_start, stride_vb, stride_vh, stride_vn)
     k = load_rows(k_ptr, offs_n, key_ok, stride_kn, stride_kd, HEAD_DIM, INT64)  # (BLOCK_N, HEAD_DIM)
+    # the step, and the value tile it reads: transposed dk/dv, or the previous variant's (with
+    # TRANSPOSED False, TMA is too: the launcher gives descriptors to the current variant only)
+    step: tl.constexpr = dkdv_tile_t if TRANSPOSED else dkdv_tile
     if TRANSPOSED:
         v = load_rows(v_ptr, offs_n, key_ok, stride_vn, stride_vd, HEAD_DIM, INT64)
     else:
@@ -239,14 +242,9 @@ def bwd_dkdv_kernel(
         if COLUMNS:
             first = chunk * CHUNK // BLOCK_M
             last = tl.cdiv(min((chunk + 1) * CHUNK, n_q), BLOCK_M)
-            if TRANSPOSED:
-                state = fold_blocks(dkdv_tile_t, state, args, offs_n, key_ok, first, last, n_q, p, False,
-                                     "pattern", "columns", BLOCK_M, HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL,
-                                     PRECISION, TMA, INT64)
-            else:
-                state = fold_blocks(dkdv_tile, state, args, offs_n, key_ok, first, last, n_q, p, False,
-                                     "pattern", "columns", BLOCK_M, HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL,
-                                     PRECISION, False, INT64)
+            state = fold_blocks(step, state, args, offs_n, key_ok, first, last, n_q, p, False, "pattern",
+                                "columns", BLOCK_M, HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION, TMA,
+                                INT64)
         else:
             start_n = tl.program_id(0) * BLOCK_N
             lo, hi = query_block_range(start_n, BLOCK_M, BLOCK_N, n_k, p.OFF, LEFT, RIGHT)
@@ -254,23 +252,12 @@ def bwd_dkdv_kernel(
             if HAS_DILATION:
                 a = hi
                 bb = hi
-            if TRANSPOSED:
-                state = walk_band(dkdv_tile_t, state, args, offs_n, key_ok, lo, a, bb, hi, 0, n_q, p, False,
-                                   ONE_LOOP, "band", BLOCK_M, HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL,
-                                   PRECISION, TMA, INT64)
-            else:
-                state = walk_band(dkdv_tile, state, args, offs_n, key_ok, lo, a, bb, hi, 0, n_q, p, False,
-                                   ONE_LOOP, "band", BLOCK_M, HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL,
-                                   PRECISION, False, INT64)
+            state = walk_band(step, state, args, offs_n, key_ok, lo, a, bb, hi, 0, n_q, p, False, ONE_LOOP,
+                              "band", BLOCK_M, HEAD_DIM, HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION, TMA, INT64)
             if HAS_GLOBAL:  # global queries outside [lo, hi) see this block too
-                if TRANSPOSED:
-                    state = fold_gathered(dkdv_tile_t, state, args, offs_n, key_ok, QIDX + b * IDX_MAX,
-                                           QCNT + b, IDX_MAX, lo, hi, 0, p, False, "band", BLOCK_M, HEAD_DIM,
-                                           HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION, INT64)
-                else:
-                    state = fold_gathered(dkdv_tile, state, args, offs_n, key_ok, QIDX + b * IDX_MAX,
-                                           QCNT + b, IDX_MAX, lo, hi, 0, p, False, "band", BLOCK_M, HEAD_DIM,
-                                           HAS_DILATION, HAS_SINKS, HAS_GLOBAL, PRECISION, INT64)
+                state = fold_gathered(step, state, args, offs_n, key_ok, QIDX + b * IDX_MAX, QCNT + b, IDX_MAX,
+                                      lo, hi, 0, p, False, "band", BLOCK_M, HEAD_DIM, HAS_DILATION, HAS_SINKS,
+                                      HAS_GLOBAL, PRECISION, INT64)
     dk, dv = state
     if COLUMNS:
         part = (chunk * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * PAD + slot

@@ -77,6 +77,11 @@ def _tma_ready(*tensors) -> bool:
                        for s, n in zip(t.stride()[:-1], t.shape[:-1])) for t in tensors)
 
 
+def _padded(n: int) -> int:
+    """Rows of a gathered list or partial buffer for n entries: a positive multiple of _PAD."""
+    return triton.cdiv(max(n, 1), _PAD) * _PAD
+
+
 def _needs_int64(*tensors) -> bool:
     """Whether a row offset inside one (batch, head) sequence can pass 2**31 - 1 elements."""
     return any((t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3)) >= 2**31 for t in tensors)
@@ -166,17 +171,17 @@ class Prepared:
                 self.qidx, self.qcnt = rows.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
                 bi, si = torch.nonzero(torch.arange(self.q_max, device=dev) < counts[:, None], as_tuple=True)
                 self.q_rows = (bi, si, rows[bi, si])
-        cols = torch.zeros(self.batch, self.n_k, dtype=torch.bool, device=dev)
-        cols[:, : self.sinks] = True
-        if self.has_global:
-            cols |= g
         self.c_max, self.cidx, self.ccnt, self.columns = 0, one, one, None
         if self.sinks or self.has_global:
+            cols = torch.zeros(self.batch, self.n_k, dtype=torch.bool, device=dev)
+            cols[:, : self.sinks] = True
+            if self.has_global:
+                cols |= g
             positions, counts = global_token_positions(cols)
             if self.varlen:  # a document's sinks are its own first keys
                 counts = torch.clamp(torch.tensor([d - c for c, d in zip(self.starts_k, self.starts_k[1:])],
                                                   device=dev), max=self.sinks)
-            self.c_max = triton.cdiv(positions.shape[1], _PAD) * _PAD
+            self.c_max = _padded(positions.shape[1])
             self.cidx = torch.zeros(self.batch, self.c_max, dtype=torch.int32, device=dev)
             self.cidx[:, : positions.shape[1]] = positions.to(torch.int32)
             self.ccnt = counts.to(torch.int32).contiguous()
@@ -243,7 +248,7 @@ def forward_plan(q, k, v, prep: Prepared):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     n_chunks = triton.cdiv(prep.n_k, prep.chunk)
-    pad = triton.cdiv(max(prep.q_max, 1), _PAD) * _PAD
+    pad = _padded(prep.q_max)
     full = prep.q_max > 0
     shape = (n_chunks, prep.batch * heads, pad) if full else (1,)
     part_o = torch.empty(*shape, prep.d if full else 1, dtype=torch.float32, device=q.device)
@@ -286,7 +291,7 @@ def backward_plan(do, q, k, v, out, lse, prep: Prepared):
     dk, dv = (torch.empty(x.shape, dtype=kv_dtype, device=dev) for x in (k, v))
     int64 = _needs_int64(q, k, v, do, dq, dk, dv)
     n_chunks_k, n_chunks_q = triton.cdiv(prep.n_k, prep.chunk), triton.cdiv(prep.n_q, prep.chunk)
-    pad = triton.cdiv(max(prep.q_max, 1), _PAD) * _PAD
+    pad = _padded(prep.q_max)
     full = prep.q_max > 0
     part_dq = torch.empty((n_chunks_k, prep.batch * heads, pad, prep.d) if full else (1,), dtype=torch.float32,
                           device=dev)

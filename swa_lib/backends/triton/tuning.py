@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import triton
 
-from ..triton_arch import CONFIGS, KINDS, arch_of, fitting
+from ..triton_arch import CONFIGS, KINDS, arch_of, fitting, gpu_limits
 from . import kernels
 from .kernels import INTERPRETER
 
@@ -69,16 +69,8 @@ def prune(kind: str, configs: list, capability: tuple, smem: int, head_dim: int,
 
 def _prune_hook(kind: str):
     def early_config_prune(configs, named_args, **kwargs):
-        import torch
-
         tensor = named_args["Q"]
-        props = torch.cuda.get_device_properties(tensor.device)
-        smem = getattr(props, "shared_memory_per_block_optin", None)
-        cap = (props.major, props.minor)
-        if smem is None:
-            from ..triton_arch import ARCHS
-
-            smem = ARCHS[arch_of(cap)].smem
+        cap, _, smem = gpu_limits(tensor.device)
         return prune(kind, configs, cap, smem, kwargs["HEAD_DIM"], tensor.element_size())
 
     return early_config_prune

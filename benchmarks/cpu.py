@@ -18,8 +18,8 @@ Then, at the default thread count, the n = 16384 rows of ``--load-peers`` again 
 ``--load`` other processes each keep a core busy with single-threaded matrix products: how
 each implementation copes with a machine that is doing something else too.
 
-Reported per call: wall time (best of --repeats after one warm-up call; 1 repeat for
-n >= 32768), useful GFLOP/s = 4 * B * H * sum_i keys(i) * D / time (two multiply-adds per
+Reported per call: wall time (the median of --repeats calls after one warm-up call, or of as
+many as fit 1.5 s, up to 20; 1 call for n >= 32768; see benchmarks/timing.py), useful GFLOP/s = 4 * B * H * sum_i keys(i) * D / time (two multiply-adds per
 visible key and head dim: QK^T and PV; a training step counts 3x that), and peak memory = rise
 of the process's peak RSS during the call (Linux /proc/self/clear_refs + VmHWM), measured in
 a second pass with every large allocation mapped fresh (see memory_pass). Every run records
@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import swa_lib  # noqa: E402
 from cpu_peers import PEERS, NotApplicable, make_peer  # noqa: E402
+from timing import time_calls  # noqa: E402
 from swa_lib.lab import results  # noqa: E402
 from swa_lib.lab.results import load_average  # noqa: E402
 from swa_lib.lab.cpu_report import row  # noqa: E402
@@ -68,25 +69,20 @@ BUSY = ("import time, torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 102
 
 
 def measure(fn, repeats: int, memory: bool):
-    """(best wall seconds, process CPU seconds of that call, peak RSS rise in bytes or 0).
+    """(wall seconds, process CPU seconds of that call, peak RSS rise in bytes or 0): the
+    median call of :func:`timing.time_calls`.
 
     Timed calls follow one another directly, as in a program that calls attention again and
-    again; with ``memory`` each call runs inside the peak-RSS probe instead, which first hands
-    freed memory back to the system (so the probe sees what the call allocates) and makes
-    every call fault its memory in afresh: right for the peak, not for the time."""
-    times, peaks = [], [0]
+    again; with ``memory`` each call runs inside the peak-RSS probe instead (``repeats`` calls),
+    which first hands freed memory back to the system (so the probe sees what the call
+    allocates) and makes every call fault its memory in afresh: right for the peak, not for the
+    time."""
+    peaks = [0]
 
-    def timed():
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    def probed():
+        peaks.append(peak_memory(fn) or 0)  # None where the peak cannot be measured
 
-    for _ in range(repeats):
-        if memory:
-            peaks.append(peak_memory(timed) or 0)  # None where the peak cannot be measured
-        else:
-            timed()
-    wall, cpu = min(times)
+    wall, cpu = time_calls(probed if memory else fn, repeats, extend=not memory)
     return wall, cpu, max(peaks)
 
 

@@ -9,13 +9,13 @@ extension_costs``).
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 
 import swa_lib
 from swa_lib.lab import results
 from swa_lib.lab.results import load_average
+from timing import time_calls
 
 B, H, D = 1, 4, 64
 
@@ -38,14 +38,9 @@ def run_extensions(n: int, repeats: int, backends=("blocked", "chunked")) -> dic
             def fn():
                 return swa_lib.sliding_window_attention(q, k, v, window, backend=backend, **kwargs)
 
-            times = []
             with torch.no_grad():
                 fn()
-                for _ in range(repeats):
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    fn()
-                    times.append((time.perf_counter() - t0, time.process_time() - c0))
-            seconds, cpu = min(times)
+                seconds, cpu = time_calls(fn, repeats)
             reach = window[0] + window[1] + 1
             rows.append(dict(peer=backend, case=label, window=list(window), n=n, time_s=seconds, cpu_s=cpu,
                              reach=reach))

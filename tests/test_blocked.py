@@ -99,12 +99,14 @@ def test_property_equals_dense(n, n_q, left, right, block, heads_kv, make_qkv):
 @pytest.fixture
 def shared_work(monkeypatch):
     """Every call shared among three workers, in small slabs: many pieces per head, run in
-    whatever order the threads take them (the path large calls take on a multi-core CPU)."""
+    whatever order the threads take them (the path large calls take on a multi-core CPU).
+    Only the first few edge masks fit the mask cache; the rest are built for every head."""
     from swa_lib.backends import bands, blocked
 
     monkeypatch.setattr(blocked, "SHARE_SCORES", 0)
     monkeypatch.setattr(bands, "SLAB_SCORES", 64)
     monkeypatch.setattr(blocked, "FUSED_SLAB_SCORES", 64)
+    monkeypatch.setattr(blocked, "MASK_CACHE_SCORES", 100)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     yield

@@ -46,6 +46,7 @@ float16/bfloat16 computed in float32; grouped-query attention; fewer queries tha
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -67,6 +68,8 @@ SHARE_SCORES = 1 << 17
 #: and larger slabs cost nothing).
 FUSED_BLOCK_SIZE = 32
 FUSED_SLAB_SCORES = 1 << 21
+#: Mask entries one call keeps for reuse across heads (16 MiB in float32).
+MASK_CACHE_SCORES = 1 << 22
 
 
 class _Call:
@@ -88,6 +91,10 @@ class _Call:
         self.static = self.plan.static_mask(q.device, cdt)
         work = self.batch * self.heads * self.plan.num_blocks * self.plan.block * self.plan.band
         self.share = work >= SHARE_SCORES
+        # edge slabs' masks, built once for all heads while they fit MASK_CACHE_SCORES in all
+        self._masks: dict = {}
+        self._cached = 0
+        self._lock = threading.Lock()
 
     def order(self, heads: int) -> list:
         """Pieces ``(head, slab)`` for ``heads`` heads, largest slabs first, so that the last
@@ -98,12 +105,23 @@ class _Call:
 
     def mask(self, seg: int) -> torch.Tensor:
         """Slab ``seg``'s additive mask: the shared band mask, with exact masks for its edge
-        blocks (with stride 0, for all of them) on top."""
+        blocks (with stride 0, for all of them) on top. The same for every head: an edge
+        slab's mask is kept for the next head while the kept masks fit
+        :data:`MASK_CACHE_SCORES`."""
+        mask = self._masks.get(seg)
+        if mask is not None:
+            return mask
         plan = self.plan
         t0, t1 = plan.segments[seg]
         ranges = plan.edges(t0, t1) if plan.stride else [(t0, t1)]
         edges = [(a - t0, b - t0, plan.exact_mask(a, b, self.q.device)) for a, b in ranges]
-        return additive_mask(self.static, edges, t1 - t0, self.q)
+        mask = additive_mask(self.static, edges, t1 - t0, self.q)
+        if edges and self.batch * self.heads > 1:
+            with self._lock:
+                if self._cached + mask.numel() <= MASK_CACHE_SCORES:
+                    self._cached += mask.numel()
+                    self._masks[seg] = mask
+        return mask
 
     def inputs(self, b: int, h: int, seg: int, extra=()):
         """Queries ``(ns, Bq, D)`` of head ``h`` in slab ``seg``, key and value bands

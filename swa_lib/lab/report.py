@@ -19,7 +19,7 @@ import textwrap
 
 import torch
 
-__all__ = ["above", "below", "extension_costs", "gpu_bench_table", "max_error", "show_source", "Source", "table", "Table"]
+__all__ = ["above", "below", "extension_costs", "extension_rows", "gpu_bench_table", "max_error", "show_source", "Source", "table", "Table"]
 
 
 def max_error(a, b) -> float:
@@ -155,28 +155,32 @@ def _numeric(cell: str) -> bool:
     return True
 
 
-def extension_costs(case: str) -> Table:
-    """What one extension costs in the stored CPU benchmark (``benchmarks/cpu.py --extensions``):
-    per thread count and backend, the plain window against the rows whose case starts with
-    ``case`` (``"+16"`` for global tokens, ``"dilation"``). The machine that made the numbers
-    is in the title."""
+def extension_rows(case: str) -> list:
+    """The stored CPU benchmark's runs of one extension (``benchmarks/cpu.py --extensions``): for
+    every thread count and backend, a dict with ``threads``, ``peer``, ``case`` (the row whose
+    case starts with ``case``: ``"+16"`` for global tokens, ``"dilation"``), ``plain_s`` (the plain
+    window, same run), ``with_s`` and ``cpu`` (the machine that made them)."""
     from . import results  # the stored results; loaded only when a chapter asks
 
-    runs = results.load("cpu_bench")["extensions"]
-    rows, machines = [], set()
-    for run in runs:
-        m = run["machine"]
-        machines.add(m["cpu"])
+    found = []
+    for run in results.load("cpu_bench")["extensions"]:
         base = {r["peer"]: r["time_s"] for r in run["rows"] if r["case"].startswith("plain")}
-        for r in run["rows"]:
-            if r["case"].startswith(case):
-                plain, with_ext = base[r["peer"]], r["time_s"]
-                rows.append([m["torch_threads"], r["peer"], r["case"], f"{plain * 1e3:.0f}",
-                             f"{with_ext * 1e3:.0f}", f"{with_ext / plain:.2f}x",
-                             f"{(with_ext - plain) * 1e3:+.0f}"])
-    if not rows:
+        found += [dict(threads=run["machine"]["torch_threads"], peer=r["peer"], case=r["case"],
+                       plain_s=base[r["peer"]], with_s=r["time_s"], cpu=run["machine"]["cpu"])
+                  for r in run["rows"] if r["case"].startswith(case)]
+    if not found:
         raise KeyError(f"no stored extension case starts with {case!r}")
-    title = "stored run: " + "; ".join(sorted(machines)) + ", N = 16384, window (256, 256)"
+    return found
+
+
+def extension_costs(case: str) -> Table:
+    """:func:`extension_rows` as a table: per thread count and backend, the plain window against
+    the extension, their ratio and the extra time. The machine that made the numbers is in the
+    title."""
+    found = extension_rows(case)
+    rows = [[r["threads"], r["peer"], r["case"], f"{r['plain_s'] * 1e3:.0f}", f"{r['with_s'] * 1e3:.0f}",
+             f"{r['with_s'] / r['plain_s']:.2f}x", f"{(r['with_s'] - r['plain_s']) * 1e3:+.0f}"] for r in found]
+    title = "stored run: " + "; ".join(sorted({r["cpu"] for r in found})) + ", N = 16384, window (256, 256)"
     return Table(["threads", "backend", "case", "plain ms", "with it ms", "ratio", "extra ms"], rows,
                  title=title)
 

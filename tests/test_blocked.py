@@ -167,3 +167,30 @@ def test_a_failing_piece_raises_and_restores_the_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_masks_are_kept_across_calls_within_their_budget(make_qkv, assert_same_gradients, monkeypatch):
+    """A second call with the same geometry builds no mask (edge masks depend on the plan
+    only), a mask kept under inference_mode serves a call that trains, and what is kept never
+    exceeds MASK_CACHE_SCORES."""
+    from swa_lib.backends import bands, blocked
+
+    built = []
+    exact = bands.Plan.exact_mask
+    monkeypatch.setattr(bands.Plan, "exact_mask", lambda self, *a: built.append(a) or exact(self, *a))
+    monkeypatch.setattr(blocked, "_KEPT", type(blocked._KEPT)())
+    q, k, v = make_qkv(1, 3, 61, 4, seed=5, requires_grad=True)
+    with torch.inference_mode():
+        band_attention(q, k, v, 7, 2, 0.5, block_size=8)
+    assert built
+    built.clear()
+    out, lse = band_attention(q, k, v, 7, 2, 0.5, block_size=8)
+    assert not built
+    ref = swa_lib.dense_attention(q, k, v, swa_lib.AttentionPattern(7, 2), 0.5)
+    assert_same_gradients((out, lse), (ref, dense_lse(q, k, (7, 2), 0.5)), (q, k, v))
+
+    monkeypatch.setattr(blocked, "MASK_CACHE_SCORES", 500)
+    for left in range(1, 12):
+        band_attention(q, k, v, left, 3, 0.5, block_size=4)
+        assert sum(m.numel() for m in blocked._KEPT.values()) <= 500
+    assert blocked._KEPT  # the most recent masks are still there

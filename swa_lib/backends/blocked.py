@@ -47,6 +47,7 @@ float16/bfloat16 computed in float32; grouped-query attention; fewer queries tha
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -68,8 +69,32 @@ SHARE_SCORES = 1 << 17
 #: and larger slabs cost nothing).
 FUSED_BLOCK_SIZE = 32
 FUSED_SLAB_SCORES = 1 << 21
-#: Mask entries one call keeps for reuse across heads (16 MiB in float32).
+#: Mask entries kept for later calls, in all (16 MiB in float32).
 MASK_CACHE_SCORES = 1 << 22
+_KEPT: OrderedDict = OrderedDict()  # (plan, slab or None, device, dtype) -> additive mask
+_KEPT_LOCK = threading.Lock()
+
+
+def _kept_mask(key: tuple, build, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mask ``build()`` makes for ``key``, kept (never modified by its users) for the next
+    head and the next call with the same geometry while the kept masks fit
+    :data:`MASK_CACHE_SCORES`, least recently used out first. Building one costs a few
+    small tensor operations per slab, which add up for short sequences and for the few
+    hundred microseconds a long call spends outside its worker threads. Tensors of
+    subclasses (fake tensors while ``torch.compile`` traces) are never kept."""
+    with _KEPT_LOCK:
+        mask = _KEPT.get(key)
+        if mask is not None:
+            _KEPT.move_to_end(key)
+            return mask
+    mask = build()
+    if mask is not None and type(like) is torch.Tensor and mask.numel() <= MASK_CACHE_SCORES:
+        with _KEPT_LOCK:
+            _KEPT[key] = mask
+            kept = sum(m.numel() for m in _KEPT.values())
+            while kept > MASK_CACHE_SCORES:
+                kept -= _KEPT.popitem(last=False)[1].numel()
+    return mask
 
 
 class _Call:
@@ -88,13 +113,8 @@ class _Call:
             block = FUSED_BLOCK_SIZE if block is None else block
         self.plan: Plan = make_plan(self.n_q, k.shape[2], left, right, block,
                                     slab_scores=FUSED_SLAB_SCORES if self.fused else None)
-        self.static = self.plan.static_mask(q.device, cdt)
         work = self.batch * self.heads * self.plan.num_blocks * self.plan.block * self.plan.band
         self.share = work >= SHARE_SCORES
-        # edge slabs' masks, built once for all heads while they fit MASK_CACHE_SCORES in all
-        self._masks: dict = {}
-        self._cached = 0
-        self._lock = threading.Lock()
 
     def order(self, heads: int) -> list:
         """Pieces ``(head, slab)`` for ``heads`` heads, largest slabs first, so that the last
@@ -105,23 +125,18 @@ class _Call:
 
     def mask(self, seg: int) -> torch.Tensor:
         """Slab ``seg``'s additive mask: the shared band mask, with exact masks for its edge
-        blocks (with stride 0, for all of them) on top. The same for every head: an edge
-        slab's mask is kept for the next head while the kept masks fit
-        :data:`MASK_CACHE_SCORES`."""
-        mask = self._masks.get(seg)
-        if mask is not None:
-            return mask
-        plan = self.plan
-        t0, t1 = plan.segments[seg]
-        ranges = plan.edges(t0, t1) if plan.stride else [(t0, t1)]
-        edges = [(a - t0, b - t0, plan.exact_mask(a, b, self.q.device)) for a, b in ranges]
-        mask = additive_mask(self.static, edges, t1 - t0, self.q)
-        if edges and self.batch * self.heads > 1:
-            with self._lock:
-                if self._cached + mask.numel() <= MASK_CACHE_SCORES:
-                    self._cached += mask.numel()
-                    self._masks[seg] = mask
-        return mask
+        blocks (with stride 0, for all of them) on top. It depends on the plan only, so it
+        is built once for all heads and kept for later calls (:func:`_kept_mask`)."""
+        plan, q = self.plan, self.q
+
+        def build() -> torch.Tensor:
+            t0, t1 = plan.segments[seg]
+            ranges = plan.edges(t0, t1) if plan.stride else [(t0, t1)]
+            edges = [(a - t0, b - t0, plan.exact_mask(a, b, q.device)) for a, b in ranges]
+            static = _kept_mask((plan, None, q.device, q.dtype), lambda: plan.static_mask(q.device, q.dtype), q)
+            return additive_mask(static, edges, t1 - t0, q)
+
+        return _kept_mask((plan, seg, q.device, q.dtype), build, q)
 
     def inputs(self, b: int, h: int, seg: int, extra=()):
         """Queries ``(ns, Bq, D)`` of head ``h`` in slab ``seg``, key and value bands

@@ -19,8 +19,9 @@ Then, at the default thread count, the n = 16384 rows of ``--load-peers`` again 
 each implementation copes with a machine that is doing something else too.
 
 Reported per call: wall time (the median of --repeats calls after one warm-up call, or of as
-many as fit 1.5 s, up to 20; 1 call for n >= 32768; see benchmarks/timing.py), useful GFLOP/s = 4 * B * H * sum_i keys(i) * D / time (two multiply-adds per
-visible key and head dim: QK^T and PV; a training step counts 3x that), and peak memory = rise
+many as fit 1.5 s, up to 20; 1 call for n >= 32768; see benchmarks/timing.py), useful
+GFLOP/s = 4 * B * H * sum_i keys(i) * D / time (two multiply-adds per visible key and head
+dim: QK^T and PV; a training step counts 3x that), and peak memory = rise
 of the process's peak RSS during the call (Linux /proc/self/clear_refs + VmHWM), measured in
 a second pass with every large allocation mapped fresh (see memory_pass). Every run records
 the thread count, the CPU model and the load average. Writes
@@ -48,6 +49,7 @@ from cpu_peers import PEERS, NotApplicable, make_peer  # noqa: E402
 from timing import time_calls  # noqa: E402
 from swa_lib.lab import results  # noqa: E402
 from swa_lib.lab.results import load_average  # noqa: E402
+from swa_lib.lab import cpu_report  # noqa: E402
 from swa_lib.lab.cpu_report import row  # noqa: E402
 from swa_lib.lab.cost import peak_memory  # noqa: E402
 from swa_lib.masks import visible_keys  # noqa: E402
@@ -204,7 +206,7 @@ def targets(result: dict) -> dict:
     gemm, out = result["gemm_gflops"], {}
 
     def ratio(a, b):
-        return round(a["time_s"] / b["time_s"], 2) if a and b else None
+        return round(cpu_report.ratio(a, b), 2) if a and b else None
 
     for t in result["threads"]:
         ours = row(result, "blocked", 16384, threads=t)

@@ -128,12 +128,14 @@ class _Call:
         blocks (with stride 0, for all of them) on top. It depends on the plan only, so it
         is built once for all heads and kept for later calls (:func:`_kept_mask`)."""
         plan, q = self.plan, self.q
+        static = _kept_mask((plan, None, q.device, q.dtype), lambda: plan.static_mask(q.device, q.dtype), q)
+        t0, t1 = plan.segments[seg]
+        ranges = plan.edges(t0, t1) if plan.stride else [(t0, t1)]
+        if not ranges:  # an interior slab: the band mask alone
+            return static
 
         def build() -> torch.Tensor:
-            t0, t1 = plan.segments[seg]
-            ranges = plan.edges(t0, t1) if plan.stride else [(t0, t1)]
             edges = [(a - t0, b - t0, plan.exact_mask(a, b, q.device)) for a, b in ranges]
-            static = _kept_mask((plan, None, q.device, q.dtype), lambda: plan.static_mask(q.device, q.dtype), q)
             return additive_mask(static, edges, t1 - t0, q)
 
         return _kept_mask((plan, seg, q.device, q.dtype), build, q)
@@ -237,11 +239,12 @@ class _BandFunction(torch.autograd.Function):
                 mask = call.mask(seg)
                 for g in range(call.group):  # the query heads of this key/value head, in order
                     h = hk * call.group + g
-                    qb, kb, vb, dob, ob = call.inputs(b, h, seg, extra=(d_out[b, h], out[b, h]))
+                    extra = (d_out[b, h], out[b, h]) + (() if d_lse is None else (d_lse[b, h],))
+                    qb, kb, vb, dob, ob, *dlb = call.inputs(b, h, seg, extra=extra)
                     # delta_i = sum_t P_it dP_it = dO_i . O_i, minus the gradient through lse_i
                     deltab = (dob * ob).sum(-1, keepdim=True)
-                    if d_lse is not None:
-                        deltab -= call.inputs(b, h, seg, extra=(d_lse[b, h],))[3]
+                    if dlb:
+                        deltab -= dlb[0]
                     s = scratch_buffer(scratch, "s", (ns, plan.block, plan.band), q)
                     dqb = call.rows(dq[b, h], seg, scratch, "dq")
                     explicit_backward(dob, qb, kb, vb, deltab, mask, call.scale, s,

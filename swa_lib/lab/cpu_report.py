@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .report import Table
 
-__all__ = ["rows", "row", "forward_table", "training_table", "load_table", "summary_table"]
+__all__ = ["rows", "row", "ratio", "forward_table", "training_table", "load_table", "summary_table"]
 
 
 def rows(data: dict, peer: str, n: int, direction: str = "forward", threads=None, load: int = 0,
@@ -26,6 +26,11 @@ def row(data: dict, *args, **kwargs):
     """The first of :func:`rows` (same arguments), or None."""
     found = rows(data, *args, **kwargs)
     return found[0] if found else None
+
+
+def ratio(slow, fast):
+    """How many times as long row ``slow`` took as row ``fast`` (None if either is missing)."""
+    return slow["time_s"] / fast["time_s"] if slow and fast else None
 
 
 def forward_table(data: dict, window=(256, 256)) -> Table:
@@ -73,7 +78,7 @@ def load_table(data: dict) -> Table:
             quiet = row(data, peer, 16384, direction, threads=top)
             busy = [row(data, peer, 16384, direction, load=x) for x in loads]
             if quiet and any(busy):
-                cells = [f"{_ms(b)} ({b['time_s'] / quiet['time_s']:.1f}x)" if b else "-" for b in busy]
+                cells = [f"{_ms(b)} ({ratio(b, quiet):.1f}x)" if b else "-" for b in busy]
                 body.append([peer, "forward" if direction == "forward" else "fwd + bwd", _ms(quiet), *cells])
     header = ["implementation", "pass", "quiet ms", *(f"{x} busy: ms (x quiet)" for x in loads)]
     return Table(header, body, title=f"n = 16,384, window (256, 256), {top} threads, other processes busy")
@@ -88,10 +93,10 @@ def summary_table(data: dict) -> Table:
         train = row(data, "blocked", 16384, "train", threads=t)
         hf_train = row(data, "hf_longformer", 16384, "train", threads=t)
         dense_train = row(data, "sdpa_dense", 16384, "train", threads=t)
-        ratio = lambda a, b: f"{a['time_s'] / b['time_s']:.2f}x" if a and b else "-"  # noqa: E731
+        times = lambda a, b: f"{ratio(a, b):.2f}x" if a and b else "-"  # noqa: E731
         gemm = data["gemm_gflops"][str(t)]
-        body.append([t, f"{gemm:.0f}", f"{100 * ours['gflops'] / gemm:.0f}%" if ours else "-", ratio(flex, ours),
-                     ratio(hf_train, train), ratio(dense_train, train)])
+        body.append([t, f"{gemm:.0f}", f"{100 * ours['gflops'] / gemm:.0f}%" if ours else "-", times(flex, ours),
+                     times(hf_train, train), times(dense_train, train)])
     header = ["threads", "GEMM GFLOP/s", "blocked fwd, % of GEMM", "Flex / blocked, fwd",
               "HF / blocked, fwd+bwd", "dense SDPA / blocked, fwd+bwd"]
     return Table(header, body, title="n = 16,384, window (256, 256)")

@@ -19,7 +19,8 @@ import textwrap
 
 import torch
 
-__all__ = ["above", "below", "extension_costs", "extension_rows", "gpu_bench_table", "max_error", "show_source", "Source", "table", "Table"]
+__all__ = ["above", "below", "extension_costs", "extension_rows", "gpu_bench_table", "max_error", "show_source",
+           "Source", "table", "Table"]
 
 
 def max_error(a, b) -> float:

@@ -290,8 +290,9 @@ def _attention_with_mask(q, k, v, mask: torch.Tensor, window, scale, backend) ->
     out = q.new_zeros(q.shape[:3] + v.shape[3:])  # (B, H, N_q, D_v)
     for (r0, r1, s, e), batch_rows in groups.items():
         idx = torch.tensor(batch_rows, device=q.device)
-        span_mask = mask[idx, r0:r1, s:e]  # (G, r1 - r0, e - s)
-        if not _equals_window(lambda start, stop: span_mask[:, start:stop], r1 - r0, e - s, window):
+        # the span's rows of these batch rows, read a few at a time (indexing with idx copies)
+        rows = lambda start, stop: mask[idx, r0 + start : r0 + stop, s:e]  # noqa: E731
+        if not _equals_window(rows, r1 - r0, e - s, window):
             raise NotImplementedError(
                 f"batch rows {batch_rows}: the attention mask is not the causal window {window} plus padding "
                 "(packed documents, or a chunked, bidirectional or overlaid mask), which swa_lib does not compute")

@@ -206,7 +206,7 @@ def bwd_dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DILATION: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_GLOBAL: tl.constexpr, COLUMNS: tl.constexpr,
     VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr, TMA: tl.constexpr, INT64: tl.constexpr,
-    PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dk, dv for one block of keys of one (batch, k/v head): walks the query blocks of its band
     (and the gathered global queries); with COLUMNS, the partial dk, dv of gathered sink and
@@ -222,10 +222,11 @@ def bwd_dkdv_kernel(
     k_ptr = seq_ptr(K, bp, h_kv, k_start, stride_kb, stride_kh, stride_kn)
     v_ptr = seq_ptr(V, bp, h_kv, k_start, stride_vb, stride_vh, stride_vn)
     k = load_rows(k_ptr, offs_n, key_ok, stride_kn, stride_kd, HEAD_DIM, INT64)  # (BLOCK_N, HEAD_DIM)
-    # the step, and the value tile it reads: transposed dk/dv, or the previous variant's (with
-    # TRANSPOSED False, TMA is too: the launcher gives descriptors to the current variant only)
-    step: tl.constexpr = dkdv_tile_t if TRANSPOSED else dkdv_tile
-    if TRANSPOSED:
+    # the step, and the value tile it reads: transposed dk/dv (the current variant, ONE_LOOP), or
+    # the previous variant's (then TMA is off too: the launcher gives descriptors to the current
+    # variant only)
+    step: tl.constexpr = dkdv_tile_t if ONE_LOOP else dkdv_tile
+    if ONE_LOOP:
         v = load_rows(v_ptr, offs_n, key_ok, stride_vn, stride_vd, HEAD_DIM, INT64)
     else:
         v = load_cols(v_ptr, offs_n, key_ok, stride_vn, stride_vd, HEAD_DIM, INT64)  # (HEAD_DIM, BLOCK_N)

@@ -162,10 +162,11 @@ class Prepared:
                 raise ValueError(f"global_tokens must have shape ({self.batch}, {self.n_k}), got {tuple(g.shape)}")
             g = g.to(dev)
             self.gmask = g.to(torch.int8).contiguous()  # (B, N_k)
-            positions, counts = global_token_positions(g)
+            g_lists = positions, counts = global_token_positions(g)
             self.gidx, self.gcnt = positions.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
             self.g_max = positions.shape[1]
-            rows, counts = global_token_positions(g[:, self.n_k - self.n_q:])  # global query rows
+            # global query rows (with as many queries as keys, the same lists)
+            rows, counts = g_lists if self.n_q == self.n_k else global_token_positions(g[:, self.n_k - self.n_q:])
             self.q_max = rows.shape[1]
             if self.q_max:
                 self.qidx, self.qcnt = rows.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
@@ -173,11 +174,14 @@ class Prepared:
                 self.q_rows = (bi, si, rows[bi, si])
         self.c_max, self.cidx, self.ccnt, self.columns = 0, one, one, None
         if self.sinks or self.has_global:
-            cols = torch.zeros(self.batch, self.n_k, dtype=torch.bool, device=dev)
-            cols[:, : self.sinks] = True
-            if self.has_global:
-                cols |= g
-            positions, counts = global_token_positions(cols)
+            if self.sinks:
+                cols = torch.zeros(self.batch, self.n_k, dtype=torch.bool, device=dev)
+                cols[:, : self.sinks] = True
+                if self.has_global:
+                    cols |= g
+                positions, counts = global_token_positions(cols)
+            else:  # the columns are the global keys: their lists are made above
+                positions, counts = g_lists
             if self.varlen:  # a document's sinks are its own first keys
                 counts = torch.clamp(torch.tensor([d - c for c, d in zip(self.starts_k, self.starts_k[1:])],
                                                   device=dev), max=self.sinks)
@@ -308,7 +312,6 @@ def backward_plan(do, q, k, v, out, lse, prep: Prepared):
     dkdv_args = (q, k, v, do, dk, dv, lse, delta, prep.descriptor(q), prep.descriptor(do),
                  prep.dil, prep.gmask, prep.qidx, prep.qcnt, prep.cidx, prep.ccnt, *prep.cu, part_dk, part_dv,
                  *_strides(q, k, v, do, dk, dv), heads_kv, *prep.sizes(c_pad), prep.qk_scale, prep.scale)
-    kw = dict(kw, TRANSPOSED=prep.variant == "current")
     launches.append(Launch("dkdv", prep.n_k, prep.batch * heads_kv, 1, dkdv_args, dict(kw, COLUMNS=False)))
     if columns:  # sink and global keys, seen from outside their band, over chunks of query rows
         launches.append(Launch("dkdv", prep.c_max, prep.batch * heads_kv, n_chunks_q, dkdv_args,

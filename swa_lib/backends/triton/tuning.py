@@ -20,7 +20,7 @@ __all__ = ["autotune_configs", "set_descriptor_blocks", "prune", "bucket", "KERN
 
 _FLAGS = ["HEAD_DIM", "GROUP", "HAS_DILATION", "HAS_SINKS", "HAS_GLOBAL", "VARLEN", "ONE_LOOP", "TMA", "PRECISION"]
 _TUNE_KEY = {"fwd": ["TUNE_N", "TUNE_W", *_FLAGS, "FULL_ROWS"], "dq": ["TUNE_N", "TUNE_W", *_FLAGS, "FULL_ROWS"],
-             "dkdv": ["TUNE_N", "TUNE_W", *_FLAGS, "COLUMNS", "TRANSPOSED"]}
+             "dkdv": ["TUNE_N", "TUNE_W", *_FLAGS, "COLUMNS"]}
 # the TMA descriptors each kernel takes, and the block that sets their rows
 _DESCRIPTORS = {"fwd": (("DESC_K", "DESC_V"), "BLOCK_N"), "dq": (("DESC_K", "DESC_V"), "BLOCK_N"),
                 "dkdv": (("DESC_Q", "DESC_DO"), "BLOCK_M")}

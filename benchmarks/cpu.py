@@ -19,7 +19,8 @@ Then, at the default thread count, the n = 16384 rows of ``--load-peers`` again 
 each implementation copes with a machine that is doing something else too.
 
 Reported per call: wall time (the median of --repeats calls after one warm-up call, or of as
-many as fit 1.5 s, up to 20; 1 call for n >= 32768; see benchmarks/timing.py), useful
+many as fit 1.5 s, up to 20; 1 call for n >= 32768; the peers of one case take turns, call by
+call, so that a drift in the machine's speed falls on all of them: benchmarks/timing.py), useful
 GFLOP/s = 4 * B * H * sum_i keys(i) * D / time (two multiply-adds per visible key and head
 dim: QK^T and PV; a training step counts 3x that), and peak memory = rise
 of the process's peak RSS during the call (Linux /proc/self/clear_refs + VmHWM), measured in
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import swa_lib  # noqa: E402
 from cpu_peers import PEERS, NotApplicable, make_peer  # noqa: E402
-from timing import time_calls  # noqa: E402
+from timing import time_calls, time_rounds  # noqa: E402
 from swa_lib.lab import results  # noqa: E402
 from swa_lib.lab.results import load_average  # noqa: E402
 from swa_lib.lab import cpu_report  # noqa: E402
@@ -70,21 +71,17 @@ BUSY = ("import time, torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 102
         "while True:\n    a @ a\n")
 
 
-def measure(fn, repeats: int, memory: bool):
-    """(wall seconds, process CPU seconds of that call, peak RSS rise in bytes or 0): the
-    median call of :func:`timing.time_calls`.
-
-    Timed calls follow one another directly, as in a program that calls attention again and
-    again; with ``memory`` each call runs inside the peak-RSS probe instead (``repeats`` calls),
-    which first hands freed memory back to the system (so the probe sees what the call
-    allocates) and makes every call fault its memory in afresh: right for the peak, not for the
-    time."""
+def measure_peak(fn, repeats: int):
+    """(wall seconds, process CPU seconds, peak RSS rise in bytes or 0) of ``repeats`` calls
+    (the median call's times, the largest peak), each inside the peak-RSS probe, which first
+    hands freed memory back to the system (so the probe sees what the call allocates) and makes
+    every call fault its memory in afresh: right for the peak, not for the time."""
     peaks = [0]
 
     def probed():
         peaks.append(peak_memory(fn) or 0)  # None where the peak cannot be measured
 
-    wall, cpu = time_calls(probed if memory else fn, repeats, extend=not memory)
+    wall, cpu = time_calls(probed, repeats, extend=False)
     return wall, cpu, max(peaks)
 
 
@@ -109,49 +106,69 @@ class Runner:
         self.rows, self.skipped, self.compile_s = [], {}, {}
         self.reference = {}
 
-    def run(self, peer: str, n: int, window, direction: str, tags: dict):
-        key = (peer, tuple(window), direction, tags.get("threads"), tags.get("load", 0))
-        if n > MAX_N[peer] or key in self.skipped:
-            return None
+    def run(self, peers: list, n: int, window, direction: str, tags: dict) -> list:
+        """Rows of ``peers`` on one case (the same tensors): each is warmed up and checked, then
+        all are timed in turns (:func:`timing.time_rounds`), so that a change in the machine's
+        speed during the case falls on all of them. In the memory pass each runs inside the
+        peak-RSS probe instead, one after the other."""
         gen = torch.Generator().manual_seed(n)
         q, k, v = (torch.randn(B, H, n, D, generator=gen) for _ in range(3))
-        scale = D**-0.5
-        try:
-            fn, extra, note = make_peer(peer, q, k, v, window, scale, direction)
-            t0 = time.perf_counter()
-            out = fn()  # warm-up (and, for Flex, compilation)
-            first = time.perf_counter() - t0
-            if self.check and n <= 16384:
-                ref = self.reference.get((n, tuple(window)))
-                if ref is None:
-                    with torch.no_grad():
-                        ref = swa_lib.sliding_window_attention(q, k, v, window, backend="blocked")
-                    self.reference = {(n, tuple(window)): ref}
-                err = (out - ref).abs().max().item()
-                if err > 1e-3:
-                    raise RuntimeError(f"wrong result: max abs error {err:.2e} vs blocked")
-            del out
-            seconds, cpu, peak = measure(fn, 1 if (peer == "loop" or n >= 32768) else self.repeats, self.memory)
-        except NotApplicable as exc:
-            print(f"  {peer} {direction} window={window} n={n}: {exc}", flush=True)
-            return None
-        except (RuntimeError, MemoryError) as exc:  # a peer that cannot run says why
-            self.skipped[key] = f"n={n}: {exc}".splitlines()[0][:200]
-            print(f"  {peer} {direction} window={window} n={n}: cannot run: {self.skipped[key]}", flush=True)
-            return None
-        if peer == "flex_compiled":
-            self.compile_s[f"{window[0]},{window[1]} n={n} threads={tags.get('threads')}"] = round(first - seconds, 2)
-        flops = 4 * B * H * visible_keys(n, *window) * D * (3 if direction == "train" else 1)
-        row = dict(peer=peer, window=list(window), n=n, direction=direction, **tags, time_s=seconds, cpu_s=cpu,
-                   gflops=flops / seconds / 1e9, peak_mib=(peak + extra) / 2**20, note=note,
-                   load_average=load_average())
-        self.rows.append(row)
-        print(f"  {peer:14s} {direction:7s} window={window} n={n:6d} threads={tags.get('threads')} "
-              f"load={tags.get('load', 0)}  {seconds * 1e3:10.1f} ms  {row['gflops']:7.2f} GFLOP/s  "
-              f"{row['peak_mib']:8.1f} MiB", flush=True)
-        if seconds > SKIP_AFTER_S:
-            self.skipped[key] = f"n={n} took {seconds:.0f} s; larger n skipped"
-        return row
+        ready = {}
+        for peer in peers:
+            key = (peer, tuple(window), direction, tags.get("threads"), tags.get("load", 0))
+            if n > MAX_N[peer] or key in self.skipped:
+                continue
+            try:
+                ready[peer] = (key, *self.prepare(peer, q, k, v, window, direction))
+            except NotApplicable as exc:
+                print(f"  {peer} {direction} window={window} n={n}: {exc}", flush=True)
+            except (RuntimeError, MemoryError) as exc:  # a peer that cannot run says why
+                self.skipped[key] = f"n={n}: {exc}".splitlines()[0][:200]
+                print(f"  {peer} {direction} window={window} n={n}: cannot run: {self.skipped[key]}", flush=True)
+        repeats = {peer: 1 if (peer == "loop" or n >= 32768) else self.repeats for peer in ready}
+        if self.memory:
+            measured = {peer: measure_peak(ready[peer][1], repeats[peer]) for peer in ready}
+            timed = {peer: m[:2] for peer, m in measured.items()}
+            peaks = {peer: m[2] for peer, m in measured.items()}
+        else:
+            timed = time_rounds({peer: entry[1] for peer, entry in ready.items()}, repeats)
+            peaks = dict.fromkeys(ready, 0)
+        rows = []
+        for peer, (key, fn, extra, note, first) in ready.items():
+            seconds, cpu = timed[peer]
+            if peer == "flex_compiled":
+                self.compile_s[f"{window[0]},{window[1]} n={n} threads={tags.get('threads')}"] = round(first - seconds, 2)
+            flops = 4 * B * H * visible_keys(n, *window) * D * (3 if direction == "train" else 1)
+            row = dict(peer=peer, window=list(window), n=n, direction=direction, **tags, time_s=seconds, cpu_s=cpu,
+                       gflops=flops / seconds / 1e9, peak_mib=(peaks[peer] + extra) / 2**20,
+                       note=note, load_average=load_average())
+            rows.append(row)
+            print(f"  {peer:14s} {direction:7s} window={window} n={n:6d} threads={tags.get('threads')} "
+                  f"load={tags.get('load', 0)}  {seconds * 1e3:10.1f} ms  {row['gflops']:7.2f} GFLOP/s  "
+                  f"{row['peak_mib']:8.1f} MiB", flush=True)
+            if seconds > SKIP_AFTER_S:
+                self.skipped[key] = f"n={n} took {seconds:.0f} s; larger n skipped"
+        self.rows += rows
+        return rows
+
+    def prepare(self, peer: str, q, k, v, window, direction: str):
+        """``(fn, extra bytes, note, seconds of the first call)``: the peer, warmed up (Flex:
+        compiled) and, up to n = 16384, checked against ``blocked``."""
+        n = q.shape[2]
+        fn, extra, note = make_peer(peer, q, k, v, window, D**-0.5, direction)
+        t0 = time.perf_counter()
+        out = fn()  # warm-up (and, for Flex, compilation)
+        first = time.perf_counter() - t0
+        if self.check and n <= 16384:
+            ref = self.reference.get((n, tuple(window)))
+            if ref is None:
+                with torch.no_grad():
+                    ref = swa_lib.sliding_window_attention(q, k, v, window, backend="blocked")
+                self.reference = {(n, tuple(window)): ref}
+            err = (out - ref).abs().max().item()
+            if err > 1e-3:
+                raise RuntimeError(f"wrong result: max abs error {err:.2e} vs blocked")
+        return fn, extra, note, first
 
 
 def busy_processes(count: int) -> list:
@@ -175,23 +192,20 @@ def run_all(args) -> dict:
         print(f"  GEMM 2048^3 fp32: {gemm[str(threads)]} GFLOP/s", flush=True)
         for window in args.windows:
             for n in args.sizes:
-                for peer in args.peers:
-                    if peer == "flex_compiled" and n not in FLEX_SIZES:
-                        continue
-                    runner.run(peer, n, window, "forward", tags)
+                runner.run([p for p in args.peers if p != "flex_compiled" or n in FLEX_SIZES], n, window,
+                           "forward", tags)
         for n in args.train_sizes:
-            for peer in [p for p in TRAIN_PEERS if p in args.peers]:
-                runner.run(peer, n, (256, 256), "train", tags)
+            runner.run([p for p in TRAIN_PEERS if p in args.peers], n, (256, 256), "train", tags)
     torch.set_num_threads(default_threads)
     for count in args.load:
         procs = busy_processes(count)
         try:
             tags = dict(threads=default_threads, load=count)
             print(f"# {default_threads} thread(s), {count} busy process(es), load average {load_average()}", flush=True)
-            for peer in [p for p in args.load_peers if p in args.peers]:
-                runner.run(peer, 16384, (256, 256), "forward", tags)
-                if peer in TRAIN_PEERS and peer != "flex_compiled":
-                    runner.run(peer, 16384, (256, 256), "train", tags)
+            peers = [p for p in args.load_peers if p in args.peers]
+            runner.run(peers, 16384, (256, 256), "forward", tags)
+            runner.run([p for p in peers if p in TRAIN_PEERS and p != "flex_compiled"], 16384, (256, 256), "train",
+                       tags)
         finally:
             for p in procs:
                 p.kill()

@@ -8,6 +8,7 @@ extension_costs``).
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -15,7 +16,7 @@ import torch
 import swa_lib
 from swa_lib.lab import results
 from swa_lib.lab.results import load_average
-from timing import time_calls
+from timing import time_rounds
 
 B, H, D = 1, 4, 64
 
@@ -33,17 +34,17 @@ def run_extensions(n: int, repeats: int, backends=("blocked", "chunked")) -> dic
         ("dilation 2, (512,512)", (512, 512), dict(dilation=2)),
     ]
     rows = []
-    for backend in backends:
-        for label, window, kwargs in cases:
-            def fn():
-                return swa_lib.sliding_window_attention(q, k, v, window, backend=backend, **kwargs)
-
-            with torch.no_grad():
+    for backend in backends:  # the cases of one backend take turns (timing.time_rounds)
+        fns = {label: functools.partial(swa_lib.sliding_window_attention, q, k, v, window, backend=backend, **kwargs)
+               for label, window, kwargs in cases}
+        with torch.no_grad():
+            for fn in fns.values():
                 fn()
-                seconds, cpu = time_calls(fn, repeats)
-            reach = window[0] + window[1] + 1
+            timed = time_rounds(fns, repeats)
+        for label, window, _ in cases:
+            seconds, cpu = timed[label]
             rows.append(dict(peer=backend, case=label, window=list(window), n=n, time_s=seconds, cpu_s=cpu,
-                             reach=reach))
+                             reach=window[0] + window[1] + 1))
             print(f"  {backend:8s} {label:24s} n={n}  {seconds * 1e3:9.1f} ms (cpu {cpu * 1e3:7.1f} ms)", flush=True)
     base = {r["peer"]: r for r in rows if r["case"].startswith("plain")}
     ratios = {f"{r['peer']} {r['case']} / plain": dict(wall=round(r["time_s"] / base[r["peer"]]["time_s"], 2),

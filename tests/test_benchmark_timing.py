@@ -38,3 +38,18 @@ def test_slow_calls_run_the_given_number_of_times(timing, monkeypatch, repeats, 
     calls = []
     timing.time_calls(lambda: calls.append(None), repeats, extend=extend)
     assert len(calls) == expected
+
+
+def test_implementations_take_turns(timing, monkeypatch):
+    """Calls alternate between the implementations (starting one further along each round),
+    each stops when it has its calls, and each gets the median of its own calls."""
+    monkeypatch.setattr(timing, "MIN_TIMED_S", 0.0)
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    result = timing.time_rounds(fns, {"a": 4, "b": 2, "c": 1})
+    assert order == ["a", "b", "c", "b", "a", "a", "a"]
+    assert set(result) == set("abc")
+    monkeypatch.setattr(timing, "MIN_TIMED_S", 0.05)
+    slow, fast = itertools.cycle([0.03]), itertools.cycle([0.001, 0.004, 0.002])
+    result = timing.time_rounds({"slow": lambda: time.sleep(next(slow)), "fast": lambda: time.sleep(next(fast))}, 2)
+    assert result["slow"][0] >= 0.03 and result["fast"][0] < 0.02  # each its own median

@@ -194,3 +194,25 @@ def test_masks_are_kept_across_calls_within_their_budget(make_qkv, assert_same_g
         band_attention(q, k, v, left, 3, 0.5, block_size=4)
         assert sum(m.numel() for m in blocked._KEPT.values()) <= 500
     assert blocked._KEPT  # the most recent masks are still there
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_interior_slabs_view_any_layout(dtype):
+    """Interior slabs take their blocks and bands as strided views of the inputs themselves: a
+    batch of two, heads interleaved with positions ((B, N, H, D) memory), grouped key/value
+    heads and inputs that start inside a larger tensor give what contiguous copies give through
+    dense attention, forward and backward (float32 takes the fused kernel's forward)."""
+    g = torch.Generator().manual_seed(11)
+    n, window = 300, (20, 9)  # Bq = 32: blocks 1 .. 8 are interior
+    big = torch.randn(2, n + 5, 4 + 2 + 2, 16, generator=g, dtype=dtype)[:, 5:]  # storage offset
+    q, k, v = (x.transpose(1, 2) for x in (big[:, :, :4], big[:, :, 4:6], big[:, :, 6:]))
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = swa_lib.sliding_window_attention(*leaves, window, backend=BACKEND)
+    ref_leaves = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    ref = swa_lib.sliding_window_attention(*ref_leaves, window, backend="dense")
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    out.backward(torch.ones_like(out))
+    ref.backward(torch.ones_like(ref))
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, **tol)

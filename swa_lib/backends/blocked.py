@@ -97,6 +97,15 @@ def _kept_mask(key: tuple, build, like: torch.Tensor) -> Optional[torch.Tensor]:
     return mask
 
 
+def _blocks(x: torch.Tensor, b: int, h: int, row: int, count: int, size: int, step: int) -> torch.Tensor:
+    """``count`` runs of ``size`` rows of head ``h`` of ``x (B, H, N, D)`` (last dim contiguous),
+    the first starting at ``row``, the next ``step`` rows further on: a view ``(count, size, D)``
+    (the same as :func:`~swa_lib.backends.bands.band_view` of that head's rows, in one call)."""
+    sb, sh, sn, _ = x.stride()
+    return x.as_strided((count, size, x.shape[3]), (step * sn, sn, 1),
+                        x.storage_offset() + b * sb + h * sh + row * sn)
+
+
 class _Call:
     """One call's tensors (compute dtype, last dim contiguous), its plan, and the order in
     which its pieces are handed out."""
@@ -148,9 +157,16 @@ class _Call:
         plan, hk = self.plan, h // self.group
         t0, t1 = plan.segments[seg]
         ns = t1 - t0
+        first, count = plan.first_key(t0), (ns - 1) * plan.block + plan.band
+        if plan.stride and first >= 0 and first + count <= plan.n_k and t1 * plan.block <= self.n_q:
+            # the common case, an interior slab of whole blocks: one strided view of each
+            # tensor, straight from the call's (B, H, N, D) tensors
+            return (_blocks(self.q, b, h, t0 * plan.block, ns, plan.block, plan.block),
+                    _blocks(self.k, b, hk, first, ns, plan.band, plan.block),
+                    _blocks(self.v, b, hk, first, ns, plan.band, plan.block),
+                    *(rows_view(x[t0 * plan.block : t1 * plan.block], plan, ns) for x in extra))
         k, v = self.k[b, hk], self.v[b, hk]
         if plan.stride:
-            first, count = plan.first_key(t0), (ns - 1) * plan.block + plan.band
             k, v = padded_rows(k, first, count), padded_rows(v, first, count)
         blocks = [rows_view(padded_rows(x, t0 * plan.block, ns * plan.block), plan, ns)
                   for x in (self.q[b, h], *extra)]

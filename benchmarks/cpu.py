@@ -339,7 +339,8 @@ def main(argv=None) -> int:
         config=dict(B=B, H=H, D=D, dtype="float32", sizes=args.sizes, train_sizes=args.train_sizes,
                     windows=[list(w) for w in args.windows], peers=args.peers, repeats=args.repeats,
                     flops="4 * B * H * sum_i keys(i) * D per forward (3x for forward + backward)",
-                    peak="rise of peak RSS during the call (MiB)", load="busy single-threaded processes"),
+                    peak="rise of peak RSS during the call (MiB)", load="busy single-threaded processes",
+                    timing="median call; the peers of one case take turns, call by call"),
         **result, total_s=round(time.perf_counter() - t0, 1),
     )
     if not args.quick:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU benchmark: sliding window attention, swa_lib's backends against real peers, in one run.
 
-    .venv/bin/python benchmarks/cpu.py                 # the full run (about 25 minutes on 2 cores)
+    .venv/bin/python benchmarks/cpu.py                 # the full run (about 15 minutes on 2 cores)
     .venv/bin/python benchmarks/cpu.py --quick         # a smoke test (seconds)
     .venv/bin/python benchmarks/cpu.py --extensions    # global tokens and dilation (ch. 6, 7)
 

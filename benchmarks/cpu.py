@@ -126,21 +126,19 @@ class Runner:
                 self.skipped[key] = f"n={n}: {exc}".splitlines()[0][:200]
                 print(f"  {peer} {direction} window={window} n={n}: cannot run: {self.skipped[key]}", flush=True)
         repeats = {peer: 1 if (peer == "loop" or n >= 32768) else self.repeats for peer in ready}
-        if self.memory:
+        if self.memory:  # (wall, cpu, peak) per peer
             measured = {peer: measure_peak(ready[peer][1], repeats[peer]) for peer in ready}
-            timed = {peer: m[:2] for peer, m in measured.items()}
-            peaks = {peer: m[2] for peer, m in measured.items()}
         else:
             timed = time_rounds({peer: entry[1] for peer, entry in ready.items()}, repeats)
-            peaks = dict.fromkeys(ready, 0)
+            measured = {peer: (*t, 0) for peer, t in timed.items()}
         rows = []
         for peer, (key, fn, extra, note, first) in ready.items():
-            seconds, cpu = timed[peer]
+            seconds, cpu, peak = measured[peer]
             if peer == "flex_compiled":
                 self.compile_s[f"{window[0]},{window[1]} n={n} threads={tags.get('threads')}"] = round(first - seconds, 2)
             flops = 4 * B * H * visible_keys(n, *window) * D * (3 if direction == "train" else 1)
             row = dict(peer=peer, window=list(window), n=n, direction=direction, **tags, time_s=seconds, cpu_s=cpu,
-                       gflops=flops / seconds / 1e9, peak_mib=(peaks[peer] + extra) / 2**20,
+                       gflops=flops / seconds / 1e9, peak_mib=(peak + extra) / 2**20,
                        note=note, load_average=load_average())
             rows.append(row)
             print(f"  {peer:14s} {direction:7s} window={window} n={n:6d} threads={tags.get('threads')} "

@@ -96,6 +96,55 @@ def test_property_equals_dense(n, n_q, left, right, block, heads_kv, make_qkv):
     torch.testing.assert_close(lse, dense_lse(q, k, (left, right), 0.7), rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    left=st.integers(0, 300),
+    block=st.integers(1, 64),
+    most=st.integers(1, 1 << 16),
+    min_slabs=st.integers(0, 12),
+)
+def test_plan_slabs(n, left, block, most, min_slabs):
+    """The slabs cover every block once, in order, edge blocks apart from interior ones; no slab
+    holds more than ``slab_scores`` scores (unless one block alone does); the interior is cut
+    into at least ``min_slabs`` slabs unless that would leave one with fewer than SLAB_SCORES."""
+    from unittest import mock
+
+    from swa_lib.backends import bands
+
+    with mock.patch.object(bands, "SLAB_SCORES", 4096):
+        plan = bands.make_plan(n, n, left, left, block, slab_scores=most, min_slabs=min_slabs)
+    segs = plan.segments
+    assert [a for a, _ in segs] == [0] + [b for _, b in segs[:-1]] and segs[-1][1] == plan.num_blocks
+    assert all(a < b for a, b in segs)
+    t_lo, t_hi = plan.interior
+    assert all(b <= t_lo or a >= t_hi or (t_lo <= a and b <= t_hi) for a, b in segs)
+    per_block = plan.block * plan.band
+    assert all(b - a == 1 or (b - a) * per_block <= most for a, b in segs)
+    inner = [b - a for a, b in segs if t_lo <= a and b <= t_hi]
+    assert max(inner, default=0) - min(inner, default=0) <= 1  # equal, to a block
+    least = max(1, 4096 // per_block)
+    assert len(inner) >= min(min_slabs, sum(inner) // least)
+    if len(inner) > -(-sum(inner) // max(1, most // per_block)):  # more slabs than their size asks
+        assert min(inner) >= least
+
+
+@pytest.mark.parametrize("min_slabs, sizes", [
+    (1, [248, 248]),     # the fused forward on one thread, four heads: few, large kernel calls
+    (2, [248, 248]),     # two threads: two slabs per head, four per worker
+    (8, [62] * 8),       # eight threads, or one head on two
+    (100, [62] * 8),     # no slab below SLAB_SCORES (60 blocks of 32 x 544 scores)
+    (0, [248, 248]),
+])
+def test_plan_cuts_the_interior_for_the_workers(min_slabs, sizes):
+    from swa_lib.backends import bands
+
+    plan = bands.make_plan(16384, 16384, 256, 256, 32, slab_scores=1 << 23, min_slabs=min_slabs)
+    t_lo, t_hi = plan.interior
+    assert (t_lo, t_hi) == (8, 504)
+    assert [b - a for a, b in plan.segments if t_lo <= a and b <= t_hi] == sizes
+
+
 @pytest.fixture
 def shared_work(monkeypatch):
     """Every call shared among three workers, in small slabs: many pieces per head, run in

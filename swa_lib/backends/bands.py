@@ -92,8 +92,10 @@ class Plan:
 
 
 def make_plan(n_q: int, n_k: int, left: int, right: int, block: Optional[int] = None,
-              slab_scores: Optional[int] = None) -> Plan:
-    """The blocks, bands and slabs of one call (``1 <= n_q <= n_k``)."""
+              slab_scores: Optional[int] = None, min_slabs: int = 1) -> Plan:
+    """The blocks, bands and slabs of one call (``1 <= n_q <= n_k``): slabs of at most
+    ``slab_scores`` scores (default :data:`SLAB_SCORES`), the interior cut into at least
+    ``min_slabs`` of them as long as each keeps :data:`SLAB_SCORES` scores."""
     offset = n_k - n_q
     left = min(left, n_k - 1)  # the last query (position n_k - 1) reaches key 0 with n_k - 1
     right = min(right, n_k - 1 - offset)  # the first query (position offset) reaches n_k - 1
@@ -111,9 +113,14 @@ def make_plan(n_q: int, n_k: int, left: int, right: int, block: Optional[int] = 
         t_hi = min(full_rows, (n_k - band - offset + left) // block + 1)
     t_hi = max(t_lo, t_hi)
     slab = max(1, (SLAB_SCORES if slab_scores is None else slab_scores) // (block * band))
-    # slabs of edge blocks apart from slabs of interior ones: only the former need exact masks
-    segments = tuple((t0, min(hi, t0 + slab)) for lo, hi in ((0, t_lo), (t_lo, t_hi), (t_hi, num_blocks))
-                     for t0 in range(lo, hi, slab))
+    # slabs of edge blocks apart from slabs of interior ones: only the former need exact masks;
+    # the interior in slabs of equal size (to a block)
+    inner = t_hi - t_lo
+    count = max(-(-inner // slab), min(min_slabs, inner // max(1, SLAB_SCORES // (block * band))))
+    cuts = [t_lo + inner * i // count for i in range(count + 1)] if inner else []
+    segments = (tuple((t0, min(t_lo, t0 + slab)) for t0 in range(0, t_lo, slab))
+                + tuple(zip(cuts, cuts[1:]))
+                + tuple((t0, min(num_blocks, t0 + slab)) for t0 in range(t_hi, num_blocks, slab)))
     return Plan(n_q, n_k, left, right, block, num_blocks, band, stride, (t_lo, t_hi), segments)
 
 

@@ -64,11 +64,15 @@ __all__ = ["blocked_attention", "band_attention", "DEFAULT_BLOCK_SIZE", "FUSED_B
 #: Below this many scores per call the pieces run on the calling thread (waking workers would
 #: cost more than they save).
 SHARE_SCORES = 1 << 17
-#: Query rows per block and scores per slab of the fused forward (measured best on CPUs; the
-#: kernel tiles each band itself and never holds the scores, so smaller blocks waste less
-#: and larger slabs cost nothing).
+#: Query rows per block and the most scores per slab of the fused forward (measured best on
+#: CPUs; the kernel tiles each band itself and never holds the scores, so smaller blocks waste
+#: less, and every slab is one kernel call, with its own set-up and output to copy: the fewer,
+#: the better, as long as every worker gets a few, :data:`PIECES_PER_WORKER`).
 FUSED_BLOCK_SIZE = 32
-FUSED_SLAB_SCORES = 1 << 21
+FUSED_SLAB_SCORES = 1 << 23
+#: Slabs per thread the fused forward aims for over all heads, so that a worker slowed down by
+#: another program leaves its share of the later pieces to the others.
+PIECES_PER_WORKER = 4
 #: Mask entries kept for later calls, in all (16 MiB in float32).
 MASK_CACHE_SCORES = 1 << 22
 _KEPT: OrderedDict = OrderedDict()  # (plan, slab or None, device, dtype) -> additive mask
@@ -118,10 +122,12 @@ class _Call:
         self.group = self.heads // self.heads_kv
         self.scale = scale
         self.fused = fused and fused_available(self.q, self.d_v)
+        slabs = 1
         if self.fused:
             block = FUSED_BLOCK_SIZE if block is None else block
+            slabs = -(-PIECES_PER_WORKER * torch.get_num_threads() // (self.batch * self.heads))
         self.plan: Plan = make_plan(self.n_q, k.shape[2], left, right, block,
-                                    slab_scores=FUSED_SLAB_SCORES if self.fused else None)
+                                    slab_scores=FUSED_SLAB_SCORES if self.fused else None, min_slabs=slabs)
         work = self.batch * self.heads * self.plan.num_blocks * self.plan.block * self.plan.band
         self.share = work >= SHARE_SCORES
 

@@ -134,7 +134,7 @@ def test_plan_slabs(n, left, block, most, min_slabs):
     (2, [248, 248]),     # two threads: two slabs per head, four per worker
     (8, [62] * 8),       # eight threads, or one head on two
     (100, [62] * 8),     # no slab below SLAB_SCORES (60 blocks of 32 x 544 scores)
-    (0, [248, 248]),
+    (0, [248, 248]),     # 0 acts as 1
 ])
 def test_plan_cuts_the_interior_for_the_workers(min_slabs, sizes):
     from swa_lib.backends import bands

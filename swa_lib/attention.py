@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
 from .backends import choose_backend
-from .backends.common import empty_output
-from .masks import UNBOUNDED, AttentionPattern, check_window
+from .backends.common import compute_dtype, empty_output
+from .masks import UNBOUNDED, AttentionPattern, check_int, check_window, describe
 
 __all__ = ["sliding_window_attention", "make_pattern", "validate_call", "check_tensor", "check_qkv", "check_scale",
            "check_pattern", "global_mask"]
@@ -50,11 +50,31 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"more queries than keys is not supported: q has N={nq}, k has N={nk}")
 
 
-def check_scale(scale) -> float:
-    """``scale`` as a float if it is a positive finite real number, else a ValueError naming it."""
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    return float(scale)
+def check_scale(scale, dtype: Optional[torch.dtype] = None) -> float:
+    """``scale`` as a float if it is a positive finite real number, else a ValueError naming it.
+
+    With ``dtype`` (that of ``q``), the scale must also fit the dtype the backends compute in
+    (:func:`~swa_lib.backends.common.compute_dtype`: float32 for float16, bfloat16 and float32
+    inputs): a larger one would become inf there and every output NaN.
+    """
+    try:
+        value = float(scale) if isinstance(scale, numbers.Real) and not isinstance(scale, bool) else math.nan
+    except OverflowError:  # an int or Fraction beyond float64, e.g. 10**400
+        value = math.inf
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {_shown(scale)}")
+    if dtype is not None:
+        acc = compute_dtype(dtype)
+        if value > torch.finfo(acc).max:
+            raise ValueError(f"scale must be at most {torch.finfo(acc).max:.6g}, the largest {acc} (the dtype "
+                             f"{dtype} inputs are computed in), got {_shown(scale)}")
+    return value
+
+
+def _shown(value) -> str:
+    """``repr(value)`` for a message, cut short when it is long (an int of hundreds of digits)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def check_pattern(pattern, q: torch.Tensor, k: torch.Tensor) -> AttentionPattern:
@@ -92,7 +112,17 @@ def global_mask(global_tokens, batch: int, n: int, device) -> Optional[torch.Ten
     if not isinstance(g, torch.Tensor):
         if isinstance(g, (list, tuple)) and len(g) == 0:
             return None  # an empty list of positions: no global tokens
-        g = torch.as_tensor(g)
+        if isinstance(g, (set, frozenset)):
+            raise TypeError(f"global_tokens must be a bool mask or integer positions in order, got a set {g!r} "
+                            "(a set has no order: pass sorted(global_tokens))")
+        if isinstance(g, (str, bytes, Mapping)):
+            raise TypeError(f"global_tokens must be a bool mask or integer positions, got {describe(g)}")
+        try:
+            g = torch.as_tensor(g)
+        except (OverflowError, ValueError) as e:  # e.g. a position beyond int64
+            raise ValueError(f"global_tokens must be a bool mask or integer positions, got {g!r} ({e})") from None
+        except (TypeError, RuntimeError) as e:  # e.g. None or an object among the positions
+            raise TypeError(f"global_tokens must be a bool mask or integer positions, got {describe(g)} ({e})") from None
     if g.dtype == torch.bool:
         if g.shape not in ((batch, n), (n,)):
             raise ValueError(f"global_tokens mask must have shape ({batch}, {n}) or ({n},), got {tuple(g.shape)}")
@@ -131,6 +161,9 @@ def make_pattern(
 ) -> AttentionPattern:
     """Validate the pattern arguments of :func:`sliding_window_attention` and build the pattern."""
     left, right = check_window(window)
+    batch, heads = _check_size("batch", batch), _check_size("heads", heads)
+    if n is not None:
+        n = _check_size("n", n)
     if isinstance(dilation, (str, bytes)):
         raise TypeError(f"dilation must be an int or a sequence of ints (one per query head), got {dilation!r}")
     if not isinstance(dilation, int) and isinstance(dilation, Sequence) and len(dilation) != heads:
@@ -148,6 +181,12 @@ def make_pattern(
     if n is not None:
         left, right, dilation, sinks = _within_sequence(left, right, dilation, sinks, n)
     return AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)  # validates
+
+
+def _check_size(name: str, value):
+    """:func:`~swa_lib.masks.check_int` with minimum 0 for a size taken from a tensor's shape; a
+    symbolic size (``torch.SymInt``, when traced shapes are passed) is left to the tracer."""
+    return value if isinstance(value, torch.SymInt) else check_int(name, value, 0)
 
 
 def _within_sequence(left: int, right: int, dilation, sinks, n: int):
@@ -174,7 +213,7 @@ def validate_call(q, k, v, window, *, dilation=1, global_tokens=None, sinks=0, s
     goes through here, so they all reject bad input with the same messages.
     """
     check_qkv(q, k, v)
-    scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale, q.dtype)
     pattern = make_pattern(
         window,
         dilation=dilation,

@@ -114,7 +114,27 @@ def hf_layer_attention_mask(
     ``-10000`` for padding, ``0`` for local and ``+10000`` for global tokens (a padding token is
     never global, as in ``LongformerModel._merge_to_attention_mask``).
     """
+    for name, mask in (("attention_mask", attention_mask), ("global_attention_mask", global_attention_mask)):
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name} must be a (B, N) tensor or None, got {type(mask).__name__}")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError(f"{name} must be a (B, N) tensor, got shape {tuple(mask.shape)}")
+    if attention_mask is not None and global_attention_mask is not None:
+        if attention_mask.shape != global_attention_mask.shape:
+            raise ValueError(f"attention_mask and global_attention_mask must have the same shape (B, N), got "
+                             f"{tuple(attention_mask.shape)} and {tuple(global_attention_mask.shape)}")
+        if attention_mask.device != global_attention_mask.device:
+            raise ValueError(f"attention_mask and global_attention_mask must be on one device, got "
+                             f"{attention_mask.device} and {global_attention_mask.device}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (the mask holds -10000 and +10000), got {dtype!r}")
     ref = attention_mask if attention_mask is not None else global_attention_mask
+    if shape is not None:
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) != 2:
+            raise TypeError(f"shape must be a pair (B, N) of ints, got {shape!r}")
+        shape = (check_int("shape[0] (B)", shape[0], 0), check_int("shape[1] (N)", shape[1], 0))
+        if ref is not None and tuple(ref.shape) != shape:
+            raise ValueError(f"shape {shape} disagrees with the masks' shape {tuple(ref.shape)}")
     if ref is None:
         if shape is None:
             raise ValueError("give attention_mask, global_attention_mask or shape")
@@ -194,11 +214,20 @@ class LongformerSelfAttention(nn.Module):
             padding: bool ``(B, N)``, True for padding tokens (invisible; their output is 0).
                 Use :func:`split_hf_attention_mask` to get both from transformers' layer mask.
         """
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3:
-            raise ValueError(f"hidden_states must be (B, N, E), got {getattr(hidden_states, 'shape', hidden_states)!r}")
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a (B, N, E) tensor, got {type(hidden_states).__name__}")
+        if hidden_states.ndim != 3:
+            raise ValueError(f"hidden_states must be (B, N, E), got {hidden_states.shape!r}")
         b, n, e = hidden_states.shape
         if e != self.config.hidden_size:
             raise ValueError(f"hidden_states has width {e}, the layer expects {self.config.hidden_size}")
+        weight = self.query.weight
+        if hidden_states.device != weight.device:
+            raise ValueError(f"hidden_states is on {hidden_states.device} but the layer's parameters are on "
+                             f"{weight.device}; move one with .to(...)")
+        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's parameters have dtype "
+                            f"{weight.dtype}; convert one with .to(...)")
         glob = global_mask(global_tokens, b, n, hidden_states.device)  # (B, N) or None: the entry point's rule
         if padding is not None:
             if not isinstance(padding, torch.Tensor):

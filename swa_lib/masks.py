@@ -82,6 +82,19 @@ def check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def describe(value) -> str:
+    """``value`` for an error message: a tensor by its dtype and shape, anything else by its repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_length(name: str, value, minimum: int = 0):
+    """:func:`check_int` for a sequence length; a symbolic size (``torch.SymInt``, met when the
+    shapes of traced tensors are passed) is left to the tracer."""
+    return value if isinstance(value, torch.SymInt) else check_int(name, value, minimum)
+
+
 def check_window(window) -> tuple[int, int]:
     """Validate an inclusive ``(left, right)`` window and return it as a tuple of ints."""
     if isinstance(window, (str, bytes)) or not isinstance(window, Sequence) or len(window) != 2:
@@ -127,7 +140,7 @@ class AttentionPattern:
         check_int("sinks", self.sinks, 0)
         g = self.global_tokens
         if g is not None and (not isinstance(g, torch.Tensor) or g.dtype != torch.bool or g.ndim != 2):
-            raise TypeError("global_tokens in a pattern must be a bool tensor of shape (B, n_k)")
+            raise TypeError(f"global_tokens in a pattern must be a bool tensor of shape (B, n_k), got {describe(g)}")
 
     # -- small conveniences -------------------------------------------------------------
     @property
@@ -187,18 +200,23 @@ class AttentionPattern:
         against scores of shape ``(B, H, n_q, n_k)``. Memory is O(n_q * n_k): this is for the
         dense and reference paths and for pictures, not for long sequences.
         """
-        n_k = n_q if n_k is None else n_k
+        _check_length("n_q", n_q)
+        n_k = n_q if n_k is None else _check_length("n_k", n_k)
         if n_q > n_k:
             raise ValueError(f"more queries than keys is not supported: n_q={n_q} > n_k={n_k}")
+        # Sizes no sequence can tell apart cut down to UNBOUNDED, as the entry point cuts them: the
+        # mask is the same, and 2**63 or more would not fit the int64 comparisons below.
+        left, right, sinks = min(self.left, UNBOUNDED), min(self.right, UNBOUNDED), min(self.sinks, UNBOUNDED)
         qpos = torch.arange(n_k - n_q, n_k, device=device)[:, None]  # (n_q, 1)
         kpos = torch.arange(n_k, device=device)[None, :]  # (1, n_k)
         delta = qpos - kpos  # (n_q, n_k): i - j
-        band = (delta <= self.left) & (-delta <= self.right)  # (n_q, n_k)
+        band = (delta <= left) & (-delta <= right)  # (n_q, n_k)
         dil = self.dilation_per_head(num_heads) if not isinstance(self.dilation, int) else (self.dilation,)
+        dil = tuple(min(d, UNBOUNDED) for d in dil)  # any d >= n_k keeps only i == j in the window
         dil_t = torch.tensor(dil, device=device)[:, None, None]  # (H', 1, 1)
         allowed = band[None] & (delta[None] % dil_t == 0)  # (H', n_q, n_k)
-        if self.sinks:
-            allowed = allowed | ((kpos < self.sinks) & (kpos <= qpos + self.right))[None]
+        if sinks:
+            allowed = allowed | ((kpos < sinks) & (kpos <= qpos + right))[None]
         allowed = allowed[None]  # (1, H', n_q, n_k)
         g = self.global_tokens
         if g is not None:
@@ -212,6 +230,7 @@ class AttentionPattern:
     def keys_per_query(self, n: int) -> float:
         """Average number of keys a query sees in a sequence of ``n`` tokens, averaged over the
         queries (clipped rows at both ends included) and over heads (for FLOP counts)."""
+        _check_length("n", n, 1)
         if self.is_plain:
             return visible_keys(n, self.left, self.right) / n
         heads = 1 if isinstance(self.dilation, int) else len(self.dilation)
@@ -267,7 +286,7 @@ def window_mask(
     left, right = check_window(window)
     if global_tokens is not None:
         if not isinstance(global_tokens, torch.Tensor) or global_tokens.dtype != torch.bool:
-            raise TypeError("global_tokens must be a bool tensor of shape (n,)")
+            raise TypeError(f"global_tokens must be a bool tensor of shape (n,), got {describe(global_tokens)}")
         if global_tokens.shape != (n,):
             raise ValueError(f"global_tokens must have shape ({n},), got {tuple(global_tokens.shape)}")
         global_tokens = global_tokens[None]

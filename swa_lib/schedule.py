@@ -23,8 +23,9 @@ It agrees exactly with the non-zero gradients that ``measure_influence`` measure
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -44,6 +45,24 @@ class LayerWindow:
 
     def __post_init__(self):
         object.__setattr__(self, "window", check_window(self.window))
+        d = self.dilation
+        if isinstance(d, int) and not isinstance(d, bool):
+            check_int("dilation", d, 1)
+        else:  # one dilation per head
+            if isinstance(d, (str, bytes)) or not isinstance(d, Sequence):
+                raise TypeError(f"dilation must be an int or a sequence of ints (one per head), got {d!r}")
+            if len(d) == 0:
+                raise ValueError("dilation per head must not be empty")
+            for x in d:
+                check_int("dilation", x, 1)
+            object.__setattr__(self, "dilation", tuple(d))
+        g = self.global_tokens
+        if g is not None:
+            if isinstance(g, (str, bytes)) or not isinstance(g, Sequence):
+                raise TypeError(f"global_tokens must be None or a sequence of int positions, got {g!r}")
+            for t in g:
+                check_int("global_tokens position", t, 0)
+            object.__setattr__(self, "global_tokens", tuple(g))
 
     @property
     def reach(self) -> tuple[int, int]:
@@ -120,14 +139,42 @@ class WindowSchedule:
 
 def as_layers(layers, num_layers: Optional[int] = None) -> list[LayerWindow]:
     """``layers`` as a list of :class:`LayerWindow`: a window or one LayerWindow repeated
-    ``num_layers`` times, a list of windows / LayerWindows, or a :class:`WindowSchedule`."""
+    ``num_layers`` times, a list of windows / LayerWindows, or a :class:`WindowSchedule`.
+
+    One window is a *tuple* ``(left, right)``; a list always means one entry per layer, so
+    ``[4, 0]`` (a list of ints) is refused rather than guessed. The stack must not be empty."""
+    if num_layers is not None:
+        if isinstance(num_layers, numbers.Integral) and not isinstance(num_layers, bool):
+            num_layers = int(num_layers)  # a NumPy int, e.g. from np.arange over depths
+        check_int("num_layers", num_layers, 1)
     if isinstance(layers, WindowSchedule):
         return layers.layers()
     if isinstance(layers, LayerWindow):
         return [layers] * (num_layers or 1)
-    if isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
-        return [LayerWindow(layers)] * (num_layers or 1)
-    return [x if isinstance(x, LayerWindow) else LayerWindow(tuple(x)) for x in layers]
+    if isinstance(layers, tuple) and len(layers) == 2 and not any(_is_layer(x) for x in layers):
+        return [LayerWindow(layers)] * (num_layers or 1)  # one window (check_window says what is wrong)
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError("layers must be a window (left, right), a LayerWindow, a WindowSchedule or a list with "
+                        f"one window or LayerWindow per layer, got {type(layers).__name__} {layers!r}")
+    stack = []
+    for i, x in enumerate(layers):
+        if isinstance(x, LayerWindow):
+            stack.append(x)
+        elif _is_layer(x):
+            stack.append(LayerWindow(tuple(x)))
+        elif isinstance(layers, list) and len(layers) == 2 and not any(_is_layer(y) for y in layers):
+            raise TypeError(f"layers is the list {layers!r}, but a list holds one window per layer: pass one "
+                            f"window as a tuple, ({layers[0]!r}, {layers[1]!r}), or a list of (left, right) pairs")
+        else:
+            raise TypeError(f"layers[{i}] must be a window (left, right) or a LayerWindow, got {x!r}")
+    if not stack:
+        raise ValueError(f"layers is an empty schedule ({layers!r}): it needs at least one layer")
+    return stack
+
+
+def _is_layer(x) -> bool:
+    """Whether ``x`` can be one layer of a list: a LayerWindow or a window (a sequence, not a string)."""
+    return isinstance(x, LayerWindow) or (isinstance(x, Sequence) and not isinstance(x, (str, bytes)))
 
 
 def layer_offsets(layer: LayerWindow, num_heads: Optional[int] = None) -> np.ndarray:
@@ -155,6 +202,10 @@ def receptive_field_support(layers, n: int, position: int = -1, *, num_layers: O
     if isinstance(position, bool) or not isinstance(position, int) or not -n <= position < n:
         raise ValueError(f"position must be an int in [-{n}, {n}), got {position!r}")
     stack = as_layers(layers, num_layers)
+    for i, layer in enumerate(stack):
+        if layer.global_tokens and max(layer.global_tokens) >= n:
+            raise ValueError(f"global_tokens of layer {i} must be positions in [0, n) = [0, {n}), "
+                             f"got {layer.global_tokens}")
     pos = position % n
     rows = []
     for depth in range(1, len(stack) + 1):

@@ -94,12 +94,13 @@ def varlen_sliding_window_attention(
     for d, (a, b, c, e) in enumerate(zip(starts_q, starts_q[1:], starts_k, starts_k[1:])):
         if b - a > e - c:
             raise ValueError(f"document {d} has {b - a} queries but only {e - c} keys")
-    if q.shape[0] == 0:  # no queries at all
-        return q.new_zeros(0, q.shape[1], v.shape[2])
     # (total, H, D) viewed as one sequence (1, H, total, D): the checks and the choice of backend
     views = [x.permute(1, 0, 2).unsqueeze(0) for x in (q, k, v)]
     pattern, scale_ = validate_call(*views, window, dilation=dilation, sinks=sinks, scale=scale)
-    if choose_backend(backend, views[0], views[1], pattern, views[2]).name == "triton":
+    chosen = choose_backend(backend, views[0], views[1], pattern, views[2])
+    if q.shape[0] == 0:  # no queries at all: checked like any call, as sliding_window_attention does
+        return q.new_zeros(0, q.shape[1], v.shape[2])
+    if chosen.name == "triton":
         from .backends.triton import triton_varlen_attention
 
         return triton_varlen_attention(q, k, v, starts_q, starts_k, pattern, scale_)

@@ -1,5 +1,7 @@
 """The public boundary: validation errors name the bad value; backend selection is explicit."""
 
+import re
+
 import pytest
 import torch
 
@@ -163,3 +165,173 @@ def test_auto_prefers_a_fused_dense_kernel_for_wide_windows_and_banded_code_for_
     long_q, long_k, _ = make_qkv(1, 1, 9000, 4, dtype=torch.float32)
     # above max_auto_len the O(N^2) route is never chosen, however wide the window
     assert choose_backend("auto", long_q, long_k, make_pattern((9000, 9000))).name not in {"sdpa", "dense"}
+
+
+# -- scale that does not fit the dtype the call computes in ---------------------------------
+
+ENTRIES = ["dense_attention", "sdpa_attention", "chunked_attention", "blocked_attention", "loop_attention",
+           "band_attention", "chunked_band_attention"]
+
+
+def _entry_call(entry, q, k, v, scale):
+    """The public entry point (with a backend name) or an exported backend/band function."""
+    if entry in ("band_attention", "chunked_band_attention"):
+        return getattr(swa_lib, entry)(q, k, v, 1, 0, scale)[0]  # (out, lse)
+    if entry.endswith("_attention"):
+        return getattr(swa_lib, entry)(q, k, v, swa_lib.AttentionPattern(1, 0), scale)
+    return call(q, k, v, (1, 0), scale=scale, backend=entry)
+
+
+@pytest.mark.parametrize("entry", ["auto", "loop", "dense", "sdpa", "chunked", "blocked", *ENTRIES])
+@pytest.mark.parametrize(
+    "scale, dtypes",
+    [
+        (10**400, (torch.float32, torch.float64)),  # was OverflowError from float()
+        (1e39, (torch.float32, torch.float16, torch.bfloat16)),  # was all NaN, or a RuntimeError (chunked)
+        (3.5e38, (torch.float32, torch.float16)),
+    ],
+)
+def test_scale_beyond_the_compute_dtype(entry, scale, dtypes):
+    for dtype in dtypes:
+        q = k = v = torch.randn(1, 2, 8, 4).to(dtype)
+        with pytest.raises(ValueError, match="scale must be .*got " + re.escape(repr(scale)[:12])):
+            _entry_call(entry, q, k, v, scale)
+
+
+@pytest.mark.parametrize("entry", ["auto", "loop", "dense", "sdpa", "chunked", "blocked", *ENTRIES])
+def test_large_scales_that_fit_still_work(entry, make_qkv):
+    q, k, v = make_qkv(1, 2, 8, 4)  # float64: computed in float64, where 1e39 fits
+    out = _entry_call(entry, q, k, v, 1e39)
+    torch.testing.assert_close(out, call(q, k, v, (1, 0), scale=1e39, backend="loop"))
+    assert out.isfinite().all()
+    # the largest float32 itself fits float32 (zero scores: uniform weights over the window)
+    z = torch.zeros(1, 2, 8, 4)
+    out = _entry_call(entry, z, z, z + 1, float(torch.finfo(torch.float32).max))
+    assert torch.equal(out, torch.ones(1, 2, 8, 4))
+
+
+# -- global tokens that are neither a mask nor positions -------------------------------------
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ([None], TypeError),
+        ([1, None], TypeError),
+        ({1, 2}, TypeError),  # a set has no order
+        (frozenset({1}), TypeError),
+        ("ab", TypeError),
+        (b"ab", TypeError),
+        ({1: 2}, TypeError),
+        (object(), TypeError),
+        ([2**70], ValueError),  # was "Overflow when unpacking long long"
+    ],
+)
+def test_global_tokens_of_unusable_types(bad, error, make_qkv):
+    q, k, v = make_qkv()
+    with pytest.raises(error, match="global_tokens") as info:
+        call(q, k, v, global_tokens=bad)
+    assert repr(bad) in str(info.value)
+    with pytest.raises(error, match="global_tokens"):
+        swa_lib.make_pattern((1, 1), global_tokens=bad, n=7)
+
+
+# -- make_pattern's sizes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_global", [False, True])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(n=-5), ValueError, "n must be >= 0, got -5"),  # was accepted
+        (dict(n=2.5), TypeError, "n must be an int, got float 2.5"),  # was accepted
+        (dict(n="8"), TypeError, "n must be an int, got str '8'"),
+        (dict(n=True), TypeError, "n must be an int, got bool True"),
+        (dict(batch=1.5), TypeError, "batch must be an int, got float 1.5"),
+        (dict(batch=-1), ValueError, "batch must be >= 0, got -1"),
+        (dict(heads=1.5), TypeError, "heads must be an int, got float 1.5"),
+        (dict(heads=-2), ValueError, "heads must be >= 0, got -2"),
+    ],
+)
+def test_make_pattern_sizes(kwargs, error, message, with_global):
+    kwargs = dict(kwargs)
+    if with_global:
+        kwargs.setdefault("n", 8)
+        kwargs["global_tokens"] = [0]
+    with pytest.raises(error, match=message):
+        swa_lib.make_pattern((1, 1), **kwargs)
+
+
+def test_make_pattern_valid_sizes_unchanged():
+    assert swa_lib.make_pattern((1, 1), n=0) == swa_lib.AttentionPattern(1, 1)
+    p = swa_lib.make_pattern((2**70, 0), sinks=2**70, dilation=(2**70, 1), batch=2, heads=2, n=8,
+                             global_tokens=[3])
+    assert (p.left, p.sinks, p.dilation) == (swa_lib.UNBOUNDED, swa_lib.UNBOUNDED, (8, 1))
+    assert p.global_tokens.shape == (2, 8)
+
+
+# -- the backend registry ---------------------------------------------------------------------
+
+def _fn(q, k, v, pattern, scale):  # pragma: no cover - never called
+    raise AssertionError("called")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, field",
+    [
+        (dict(fn=None), TypeError, "fn"),  # was registered, then broke every backend="auto" call
+        (dict(fn="dense"), TypeError, "fn"),
+        (dict(name=None), TypeError, "name"),
+        (dict(name=3), TypeError, "name"),
+        (dict(name=""), ValueError, "name"),
+        (dict(name="auto"), ValueError, "name"),
+        (dict(priority=1.5), TypeError, "priority"),
+        (dict(priority=None), TypeError, "priority"),
+        (dict(priority=True), TypeError, "priority"),
+        (dict(devices="cpu"), TypeError, "devices"),
+        (dict(devices=frozenset({1})), TypeError, "devices"),
+        (dict(auto_devices=["cuda"]), TypeError, "auto_devices"),
+        (dict(dtypes=frozenset({"float32"})), TypeError, "dtypes"),
+        (dict(device_dtypes={"cpu": [torch.float32]}), TypeError, "device_dtypes"),
+        (dict(device_dtypes=frozenset({torch.float32})), TypeError, "device_dtypes"),
+        (dict(head_dims=[16]), TypeError, "head_dims"),
+        (dict(auto="yes"), TypeError, "auto"),
+        (dict(autograd=None), TypeError, "autograd"),
+        (dict(dilation=1), TypeError, "dilation"),
+        (dict(is_available=True), TypeError, "is_available"),
+        (dict(devices_now=frozenset({"cpu"})), TypeError, "devices_now"),
+        (dict(device_limits="none"), TypeError, "device_limits"),
+        (dict(max_auto_len=-1), ValueError, "max_auto_len"),
+        (dict(max_auto_len=1.5), TypeError, "max_auto_len"),
+        (dict(min_auto_capability=8), TypeError, "min_auto_capability"),
+    ],
+)
+def test_malformed_backend_is_refused(kwargs, error, field, make_qkv):
+    from swa_lib.backends import BACKENDS, Backend, register_backend
+
+    args = {"name": "_test_broken", "fn": _fn, "priority": 1000, **kwargs}
+    before = dict(BACKENDS)
+    try:
+        with pytest.raises(error, match=field) as info:
+            register_backend(Backend(**args))
+        (bad,) = kwargs.values()
+        shown = next(iter(bad.values())) if isinstance(bad, dict) else bad  # the bad entry of a mapping
+        assert repr(shown) in str(info.value)
+        assert BACKENDS == before
+        q, k, v = make_qkv()
+        call(q, k, v)  # "auto" still works
+    finally:
+        BACKENDS.clear()  # leave no broken backend behind, whatever happened
+        BACKENDS.update(before)
+
+
+@pytest.mark.parametrize("bad", [None, "dense", _fn])
+def test_register_backend_needs_a_backend(bad):
+    from swa_lib.backends import BACKENDS, register_backend
+
+    before = dict(BACKENDS)
+    try:
+        with pytest.raises(TypeError, match="backend must be a swa_lib.backends.Backend, got") as info:
+            register_backend(bad)  # None was an AttributeError
+        assert repr(bad) in str(info.value)
+    finally:
+        BACKENDS.clear()
+        BACKENDS.update(before)

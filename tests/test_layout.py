@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from swa_lib.distributed.layout import ShardLayout, halo_plan, halo_tokens_sent, shard_sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "swa_lib"
@@ -128,3 +131,71 @@ def test_the_module_map_names_every_module():
     readme = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
     for folder in ("swa_lib/", "swa_lib/backends/", "swa_lib/lab/"):
         assert folder in readme, f"README's layout section does not show {folder}"
+
+
+# -- swa_lib.distributed.layout: the sequence-parallel plan refuses bad input (no process group) --
+
+SIZES = (3, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "args, kw, error, match",
+    [
+        ((-1,), {}, ValueError, r"rank must be in \[0, 3\) for 3 shard sizes \(3, 3, 4\), got -1"),
+        ((3,), {}, ValueError, r"rank must be in \[0, 3\) .*got 3"),
+        ((1.0,), {}, TypeError, "rank must be an int, got float 1.0"),
+        ((True,), {}, TypeError, "rank must be an int, got bool True"),
+        ((1,), dict(dim=3), ValueError, r"dim must be in \[-3, 3\) for x of shape \(1, 1, 10\), got 3"),
+        ((1,), dict(dim=5), ValueError, r"dim must be in \[-3, 3\) .*got 5"),
+        ((1,), dict(dim=-4), ValueError, r"dim must be in \[-3, 3\) .*got -4"),
+        ((1,), dict(dim=2.0), TypeError, "dim must be an int, got float 2.0"),
+    ],
+)
+def test_shard_sequence_refuses_bad_rank_and_dim(args, kw, error, match):
+    x = torch.arange(10.0).reshape(1, 1, 10)
+    with pytest.raises(error, match=match):
+        shard_sequence(x, *args, SIZES, **kw)
+
+
+def test_shard_sequence_refuses_a_non_tensor_and_keeps_valid_calls():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got NoneType"):
+        shard_sequence(None, 1, SIZES)
+    with pytest.raises(TypeError, match="shard sizes must be a sequence of ints .*got 10"):
+        shard_sequence(torch.zeros(1, 1, 10), 1, 10)
+    x = torch.arange(10.0).reshape(1, 1, 10)
+    assert shard_sequence(x, 1, SIZES).tolist() == [[[3.0, 4.0, 5.0]]]
+    assert shard_sequence(x, 2, SIZES, dim=-1).tolist() == [[[6.0, 7.0, 8.0, 9.0]]]
+
+
+@pytest.mark.parametrize(
+    "rank, left, right, error, match",
+    [
+        (1, -5, 1, ValueError, "left must be >= 0, got -5"),
+        (1, 1, -1, ValueError, "right must be >= 0, got -1"),
+        (1, 2.5, 1, TypeError, "left must be an int, got float 2.5"),
+        (1, 1, None, TypeError, "right must be an int, got NoneType None"),
+        (5, 1, 1, ValueError, r"rank must be in \[0, 3\) for a layout of 3 shards, got 5"),
+        (-1, 1, 1, ValueError, r"rank must be in \[0, 3\) for a layout of 3 shards, got -1"),
+        ("0", 1, 1, TypeError, "rank must be an int, got str '0'"),
+    ],
+)
+def test_halo_plan_and_layout_refuse_bad_rank_and_window(rank, left, right, error, match):
+    """halo_plan's body is printed in the book, so the checks live in the ShardLayout methods it calls."""
+    layout = ShardLayout(SIZES)
+    with pytest.raises(error, match=match):
+        halo_plan(layout, rank, left, right)
+    with pytest.raises(error, match=match):
+        layout.key_range(rank, left, right)
+
+
+@pytest.mark.parametrize("rank", [5, 3, -1])
+def test_layout_bounds_refuses_a_rank_outside_the_world(rank):
+    with pytest.raises(ValueError, match=rf"rank must be in \[0, 3\) for a layout of 3 shards, got {rank}"):
+        ShardLayout(SIZES).bounds(rank)
+    assert [ShardLayout(SIZES).bounds(r) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+
+
+@pytest.mark.parametrize("layout", [(3, 3), [3, 3], None])
+def test_halo_tokens_sent_needs_a_shard_layout(layout):
+    with pytest.raises(TypeError, match="layout must be a ShardLayout, got"):
+        halo_tokens_sent(layout, (1, 0))

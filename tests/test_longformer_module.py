@@ -253,6 +253,59 @@ def test_errors_quote_bad_values():
         LongformerSelfAttention.from_hf(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((torch.ones(2, 6), torch.ones(2, 5)), {}, ValueError,
+         r"attention_mask and global_attention_mask must have the same shape.*\(2, 6\) and \(2, 5\)"),
+        (([[1, 1]],), {}, TypeError, r"attention_mask must be a \(B, N\) tensor or None, got list"),
+        ((None, [[1, 1]]), {}, TypeError, r"global_attention_mask must be a \(B, N\) tensor or None, got list"),
+        ((torch.ones(6),), {}, ValueError, r"attention_mask must be a \(B, N\) tensor, got shape \(6,\)"),
+        ((torch.ones(2, 6),), {"dtype": torch.int8}, TypeError, r"dtype must be a floating-point.*int8"),
+        ((), {"shape": (2, 6), "dtype": "float32"}, TypeError, r"dtype must be a floating-point.*'float32'"),
+        ((), {"shape": (-1, 3)}, ValueError, r"shape\[0\] \(B\) must be >= 0, got -1"),
+        ((), {"shape": (2, 3.0)}, TypeError, r"shape\[1\] \(N\) must be an int, got float 3.0"),
+        ((), {"shape": 6}, TypeError, r"shape must be a pair \(B, N\) of ints, got 6"),
+        ((torch.ones(2, 6),), {"shape": (2, 5)}, ValueError, r"shape \(2, 5\) disagrees.*\(2, 6\)"),
+    ],
+)
+def test_hf_layer_attention_mask_bad_arguments(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hf_layer_attention_mask(*args, **kwargs)
+
+
+def test_hf_layer_attention_mask_valid_forms_unchanged():
+    assert torch.equal(hf_layer_attention_mask(shape=(2, 3)), torch.zeros(2, 3))
+    assert hf_layer_attention_mask(shape=[1, 2], dtype=torch.float64).dtype == torch.float64
+    mask = hf_layer_attention_mask(None, torch.tensor([[1.0, 0.0]]), shape=(1, 2), dtype=torch.float16)
+    assert mask.dtype == torch.float16 and mask.tolist() == [[10000.0, 0.0]]
+
+
+@pytest.mark.parametrize(
+    "hidden_states, error, match",
+    [
+        (torch.randn(1, 6, 8, dtype=torch.float64), TypeError,
+         r"hidden_states has dtype torch.float64 but the layer's parameters have dtype torch.float32"),
+        (torch.ones(1, 6, 8, dtype=torch.long), TypeError, r"hidden_states has dtype torch.int64"),
+        ([[0.0] * 8], TypeError, r"hidden_states must be a \(B, N, E\) tensor, got list"),
+        (torch.randn(6, 8), ValueError, r"hidden_states must be \(B, N, E\), got torch.Size\(\[6, 8\]\)"),
+        (torch.randn(1, 6, 6), ValueError, r"hidden_states has width 6"),
+    ],
+)
+def test_forward_bad_hidden_states(hidden_states, error, match):
+    layer = LongformerSelfAttention(LongformerAttentionConfig(8, 2, 4))
+    with pytest.raises(error, match=match):
+        layer(hidden_states)
+
+
+def test_forward_float64_layer_and_autocast_still_work():
+    layer = LongformerSelfAttention(LongformerAttentionConfig(8, 2, 4)).double()
+    assert layer(torch.randn(1, 6, 8, dtype=torch.float64)).dtype == torch.float64
+    layer = LongformerSelfAttention(LongformerAttentionConfig(8, 2, 4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside nn.Linear
+        assert layer(torch.randn(1, 6, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 @settings(max_examples=10, deadline=None)
 @given(
     attention_window=st.sampled_from([4, 8]),

@@ -112,6 +112,63 @@ def test_bad_dilation_and_sinks():
         swa_lib.window_mask(5, (1, 1), sinks=-2)
 
 
+HUGE = [UNBOUNDED, 2**63 - 1, 2**63, 2**64, 10**30]
+
+
+@pytest.mark.parametrize("big", HUGE)
+def test_sizes_beyond_the_sequence_give_the_clipped_mask(big):
+    # 2**63 and up used to give an all-False mask (silently), ignore the sinks or raise
+    # OverflowError / "Overflow when unpacking long long"
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert torch.equal(swa_lib.window_mask(4, (big, 0)), causal)
+    assert torch.equal(swa_lib.window_mask(4, (0, big)), causal.T)
+    assert swa_lib.window_mask(4, (big, big)).all()
+    assert int(AttentionPattern(big, 0).mask(3).sum()) == 6
+    assert torch.equal(swa_lib.window_mask(4, (0, 0), sinks=big), causal)
+    assert torch.equal(swa_lib.window_mask(4, (3, 3), dilation=big), torch.eye(4, dtype=torch.bool))
+    assert AttentionPattern(big, 0, dilation=big).keys_per_query(4) == 1.0
+    p = AttentionPattern(big, 1, dilation=(big, 1), sinks=big)
+    m = p.mask(3, 5, num_heads=2)
+    for h in range(2):
+        for r in range(3):
+            for j in range(5):
+                assert bool(m[0, h, r, j]) == p.allows(r + 2, j, head=h)
+
+
+@pytest.mark.parametrize("pattern", [AttentionPattern(1, 0), AttentionPattern(1, 0, sinks=1),
+                                     AttentionPattern(2, 1, dilation=2)])
+@pytest.mark.parametrize(
+    "method, args, error, message",
+    [
+        ("mask", (-1,), ValueError, "n_q must be >= 0, got -1"),  # was a RuntimeError from torch.arange
+        ("mask", (2.5,), TypeError, "n_q must be an int, got float 2.5"),  # was a 3x3 mask
+        ("mask", (True,), TypeError, "n_q must be an int, got bool True"),
+        ("mask", (2, -1), ValueError, "n_k must be >= 0, got -1"),
+        ("mask", (2, 3.0), TypeError, "n_k must be an int, got float 3.0"),
+        ("keys_per_query", (0,), ValueError, "n must be >= 1, got 0"),  # was ZeroDivisionError or nan
+        ("keys_per_query", (-3,), ValueError, "n must be >= 1, got -3"),  # was -0.0
+        ("keys_per_query", (2.5,), TypeError, "n must be an int, got float 2.5"),
+    ],
+)
+def test_bad_lengths_of_pattern_methods(pattern, method, args, error, message):
+    with pytest.raises(error, match=message):
+        getattr(pattern, method)(*args)
+
+
+def test_empty_masks_and_one_token_still_work():
+    p = AttentionPattern(1, 0, sinks=1)
+    assert p.mask(0).shape == (1, 1, 0, 0)
+    assert p.mask(0, 3).shape == (1, 1, 0, 3)
+    assert p.keys_per_query(1) == 1.0 and AttentionPattern(1, 0).keys_per_query(1) == 1.0
+
+
+def test_bad_global_tokens_of_window_mask_name_the_value():
+    with pytest.raises(TypeError, match=r"global_tokens must be a bool tensor of shape \(n,\), got list \[0\]"):
+        swa_lib.window_mask(4, (1, 1), global_tokens=[0])
+    with pytest.raises(TypeError, match=r"global_tokens in a pattern .* got a torch.float32 tensor of shape \(1, 4\)"):
+        AttentionPattern(1, 1, global_tokens=torch.zeros(1, 4))
+
+
 # -- converters ---------------------------------------------------------------------------
 
 def test_longformer_round_trip():

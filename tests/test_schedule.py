@@ -166,6 +166,88 @@ def test_receptive_field_errors():
         receptive_field_support([LayerWindow((1, 1))], 0)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(dilation=0), ValueError, "dilation must be >= 1, got 0"),
+        (dict(dilation=-2), ValueError, "dilation must be >= 1, got -2"),
+        (dict(dilation=1.5), TypeError, "dilation must be an int .*got 1.5"),
+        (dict(dilation="2"), TypeError, "dilation must be an int .*got '2'"),
+        (dict(dilation=None), TypeError, "dilation must be an int .*got None"),
+        (dict(dilation=True), TypeError, "dilation must be an int .*got True"),
+        (dict(dilation=()), ValueError, "dilation per head must not be empty"),
+        (dict(dilation=(1, 0)), ValueError, "dilation must be >= 1, got 0"),
+        (dict(global_tokens=5), TypeError, "global_tokens must be None or a sequence .*got 5"),
+        (dict(global_tokens="ab"), TypeError, "global_tokens must be None or a sequence .*got 'ab'"),
+        (dict(global_tokens=(1.5,)), TypeError, "global_tokens position must be an int, got float 1.5"),
+        (dict(global_tokens=(True,)), TypeError, "global_tokens position must be an int, got bool True"),
+        (dict(global_tokens=(3, -1)), ValueError, "global_tokens position must be >= 0, got -1"),
+        (dict(window=(2, -1)), ValueError, "window right must be >= 0, got -1"),
+        (dict(window=4), TypeError, "window must be a pair"),
+    ],
+)
+def test_layer_window_validates_its_fields(kwargs, error, match):
+    args = {"window": (2, 1), **kwargs}
+    with pytest.raises(error, match=match):
+        LayerWindow(**args)
+
+
+def test_layer_window_keeps_valid_fields():
+    layer = LayerWindow([3, 1], dilation=[1, 3], global_tokens=[0, 4])
+    assert (layer.window, layer.dilation, layer.global_tokens) == ((3, 1), (1, 3), (0, 4))
+    assert LayerWindow((3, 1), global_tokens=()).global_tokens == ()
+
+
+@pytest.mark.parametrize("bad", [100, 10])
+def test_receptive_field_refuses_global_tokens_outside_the_sequence(bad):
+    match = rf"global_tokens of layer 1 must be positions in \[0, n\) = \[0, 10\), got \(2, {bad}\)"
+    with pytest.raises(ValueError, match=match):
+        receptive_field_support([LayerWindow((1, 0)), LayerWindow((1, 0), global_tokens=(2, bad))], 10)
+    assert receptive_field_support([LayerWindow((1, 0), global_tokens=(9,))], 10).all()  # the last position is fine
+
+
+@pytest.mark.parametrize(
+    "num_layers, error, match",
+    [
+        (0, ValueError, "num_layers must be >= 1, got 0"),
+        (-1, ValueError, "num_layers must be >= 1, got -1"),
+        (2.0, TypeError, "num_layers must be an int, got float 2.0"),
+        (True, TypeError, "num_layers must be an int, got bool True"),
+    ],
+)
+def test_schedule_reach_refuses_bad_num_layers(num_layers, error, match):
+    with pytest.raises(error, match=match):
+        schedule_reach((4, 0), num_layers)
+    with pytest.raises(error, match=match):
+        receptive_field_support((4, 0), 10, num_layers=num_layers)
+
+
+@pytest.mark.parametrize(
+    "layers, error, match",
+    [
+        ([4, 0], TypeError, r"layers is the list \[4, 0\], but a list holds one window per layer: .*tuple, \(4, 0\)"),
+        ([4, 0, 2], TypeError, r"layers\[0\] must be a window \(left, right\) or a LayerWindow, got 4"),
+        ([(4, 0), None], TypeError, r"layers\[1\] must be a window \(left, right\) or a LayerWindow, got None"),
+        ((4, 0.5), TypeError, "window right must be an int, got float 0.5"),
+        (4, TypeError, "layers must be a window .*got int 4"),
+        (None, TypeError, "layers must be a window .*got NoneType None"),
+        ([], ValueError, r"layers is an empty schedule \(\[\]\)"),
+        ((), ValueError, r"layers is an empty schedule \(\(\)\)"),
+    ],
+)
+def test_schedule_arguments_are_refused_clearly(layers, error, match):
+    with pytest.raises(error, match=match):
+        schedule_reach(layers)
+    with pytest.raises(error, match=match):
+        receptive_field_support(layers, 10)
+
+
+def test_schedule_forms_that_stay_accepted():
+    assert schedule_reach((4, 0), 2) == schedule_reach([(4, 0), [4, 0]]) == schedule_reach(((4, 0), (4, 0))) == (8, 0)
+    assert schedule_reach(w for w in [(4, 0), (2, 1)]) == (6, 1)
+    assert schedule_reach((4, 0), np.int64(3)) == (12, 0)  # a depth taken from np.arange
+
+
 def test_docstring_examples_run():
     import doctest
 

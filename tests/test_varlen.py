@@ -104,6 +104,31 @@ def test_no_queries_gives_an_empty_result():
     assert out.shape == (0, 4, 11)
 
 
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(window="bad"), TypeError, "window must be a pair"),
+        (dict(dilation=0), ValueError, "dilation must be >= 1, got 0"),
+        (dict(sinks=-1), ValueError, "sinks must be >= 0, got -1"),
+        (dict(scale=-1.0), ValueError, "scale must be a positive finite number, got -1.0"),
+        (dict(backend="nope"), ValueError, "unknown backend 'nope'"),
+        (dict(heads=3), ValueError, r"q heads \(3\) must be a multiple of k/v heads \(2\)"),
+        (dict(dtype=torch.long), TypeError, "q must be a floating-point tensor, got dtype torch.int64"),
+    ],
+)
+@pytest.mark.parametrize("lengths", [[0], [0, 0], [3, 0, 2]], ids=["no tokens", "empty documents", "tokens"])
+def test_bad_arguments_are_refused_with_or_without_tokens(lengths, kw, error, match):
+    """No tokens at all is no excuse to skip the checks: the same call with tokens, and
+    sliding_window_attention itself, refuse the same arguments."""
+    kw = dict(kw)
+    dtype = kw.pop("dtype", torch.float64)
+    q, k, v, cu = _packed(lengths, heads=kw.pop("heads", 4))
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    kw = {"window": (2, 0), **kw}
+    with pytest.raises(error, match=match):
+        varlen_sliding_window_attention(q, k, v, cu, kw.pop("window"), **kw)
+
+
 # -- the Triton kernel reads cu_seqlens itself: one launch per kernel for every document -----
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kw", [dict(window=(3, 1)), dict(window=(5, 0), sinks=2),

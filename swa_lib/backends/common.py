@@ -55,7 +55,8 @@ def empty_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 def check_backend_args(q, k, v, pattern, scale):
     """``(pattern, scale)`` for a backend function ``fn(q, k, v, pattern, scale)`` called directly:
     q, k, v as :func:`swa_lib.sliding_window_attention` takes them, a pattern that fits them (its
-    sizes cut to the sequence), a positive finite scale; TypeError/ValueError naming the argument.
+    sizes cut to the sequence), a positive finite scale that fits :func:`compute_dtype` of q's dtype;
+    TypeError/ValueError naming the argument.
 
     With ``N_q <= N_k`` and windows ``>= 0`` every query sees at least itself, so no exported
     function ever meets a query row without keys.
@@ -63,7 +64,7 @@ def check_backend_args(q, k, v, pattern, scale):
     from ..attention import check_pattern, check_qkv, check_scale  # attention imports the backends
 
     check_qkv(q, k, v)
-    return check_pattern(pattern, q, k), check_scale(scale)
+    return check_pattern(pattern, q, k), check_scale(scale, q.dtype)
 
 
 def check_band_args(q, k, v, left, right, scale) -> float:
@@ -73,4 +74,4 @@ def check_band_args(q, k, v, left, right, scale) -> float:
     check_qkv(q, k, v)
     check_int("left", left, 0)
     check_int("right", right, 0)
-    return check_scale(scale)
+    return check_scale(scale, q.dtype)

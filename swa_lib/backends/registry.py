@@ -10,11 +10,12 @@ capabilities cover the call. A backend asked for by name that cannot do the call
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Set as AbstractSet
 from typing import Callable, Mapping, Optional
 
 import torch
 
-from ..masks import AttentionPattern
+from ..masks import AttentionPattern, check_int
 
 __all__ = ["Backend", "register_backend", "get_backend", "available_backends", "choose_backend", "BACKENDS"]
 
@@ -78,6 +79,45 @@ class Backend:
     device_limits: Optional[Callable[..., Optional[str]]] = None
     min_auto_capability: Optional[tuple] = None
 
+    def __post_init__(self):
+        """Refuse malformed fields here, with a TypeError/ValueError naming the field, rather than
+        let a broken backend into the registry, where it would break every later ``"auto"`` call."""
+        if not isinstance(self.name, str):
+            raise TypeError(f"Backend name must be a str, got {type(self.name).__name__} {self.name!r}")
+        if not self.name or self.name == "auto":
+            raise ValueError(f"Backend name must be a non-empty str other than 'auto', got {self.name!r}")
+        for field_name in ("fn", "is_available"):
+            _check_callable(self, field_name, optional=False)
+        for field_name in ("devices_now", "device_limits"):
+            _check_callable(self, field_name, optional=True)
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise TypeError(f"Backend priority must be an int, got {type(self.priority).__name__} {self.priority!r}")
+        for field_name in ("same_value_dim", "dilation", "global_tokens", "sinks", "gqa", "cross_length", "autograd",
+                           "auto", "wide_windows"):
+            value = getattr(self, field_name)
+            if not isinstance(value, bool):
+                raise TypeError(f"Backend {field_name} must be a bool, got {type(value).__name__} {value!r}")
+        _check_set(self, "devices", self.devices, str)
+        _check_set(self, "auto_devices", self.auto_devices, str)
+        _check_set(self, "dtypes", self.dtypes, torch.dtype)
+        if self.device_dtypes is not None:
+            if not isinstance(self.device_dtypes, Mapping):
+                raise TypeError(f"Backend device_dtypes must be None or a mapping from device type to dtypes, "
+                                f"got {type(self.device_dtypes).__name__} {self.device_dtypes!r}")
+            for device, dtypes in self.device_dtypes.items():
+                if not isinstance(device, str):
+                    raise TypeError(f"Backend device_dtypes keys must be device types (str), got {device!r}")
+                _check_set(self, f"device_dtypes[{device!r}]", dtypes, torch.dtype)
+        if self.head_dims is not None:
+            _check_set(self, "head_dims", self.head_dims, int)
+        if self.max_auto_len is not None:
+            check_int("Backend max_auto_len", self.max_auto_len, 0)
+        cap = self.min_auto_capability
+        if cap is not None and (not isinstance(cap, tuple) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in cap)):
+            raise TypeError(f"Backend min_auto_capability must be None or a tuple of ints such as (8, 0), "
+                            f"got {type(cap).__name__} {cap!r}")
+
     def runs_on(self) -> frozenset:
         """The device types it can run on in this process (empty: not available here)."""
         if not self.is_available():
@@ -119,11 +159,28 @@ class Backend:
         return None
 
 
+def _check_callable(backend: Backend, field_name: str, optional: bool) -> None:
+    value = getattr(backend, field_name)
+    if not (callable(value) or (optional and value is None)):
+        what = "None or a callable" if optional else "callable"
+        raise TypeError(f"Backend {field_name} must be {what}, got {type(value).__name__} {value!r}")
+
+
+def _check_set(backend: Backend, field_name: str, value, kind: type) -> None:
+    """A set (or frozenset) whose members are all of type ``kind`` (bool is not an int here)."""
+    if not isinstance(value, AbstractSet) or not all(
+            isinstance(x, kind) and not isinstance(x, bool) for x in value):
+        raise TypeError(f"Backend {field_name} must be a frozenset of {kind.__name__}, "
+                        f"got {type(value).__name__} {value!r}")
+
+
 BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(backend: Backend) -> Backend:
     """Add (or replace) a backend in the registry."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a swa_lib.backends.Backend, got {type(backend).__name__} {backend!r}")
     BACKENDS[backend.name] = backend
     return backend
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -53,6 +53,8 @@ class ShardLayout:
     sizes: tuple[int, ...]
 
     def __post_init__(self):
+        if isinstance(self.sizes, (str, bytes)) or not isinstance(self.sizes, Iterable):
+            raise TypeError(f"shard sizes must be a sequence of ints (tokens per rank), got {self.sizes!r}")
         sizes = tuple(self.sizes)
         if not sizes:
             raise ValueError("shard sizes must not be empty")
@@ -69,11 +71,14 @@ class ShardLayout:
         return len(self.sizes)
 
     def bounds(self, rank: int) -> tuple[int, int]:
+        _check_index("rank", rank, 0, self.world_size, f"a layout of {self.world_size} shards")
         start = sum(self.sizes[:rank])
         return start, start + self.sizes[rank]
 
     def key_range(self, rank: int, left: int, right: int) -> tuple[int, int]:
         """Keys ``[ks, ke)`` that the queries of ``rank`` can reach through the band."""
+        check_int("left", left, 0)
+        check_int("right", right, 0)
         s, e = self.bounds(rank)
         return max(0, s - left), min(self.n, e + right)
 
@@ -90,6 +95,7 @@ class ShardLayout:
 
 def halo_tokens_sent(layout: ShardLayout, window) -> list[int]:
     """Tokens of K/V each rank sends in the halo exchange (one forward pass)."""
+    _check_layout(layout)
     left, right = check_window(window)
     sent = [0] * layout.world_size
     for r in range(layout.world_size):
@@ -98,6 +104,19 @@ def halo_tokens_sent(layout: ShardLayout, window) -> list[int]:
             if owner != r:
                 sent[owner] += b - a
     return sent
+
+
+def _check_index(name: str, value, low: int, high: int, what: str) -> None:
+    """A TypeError unless ``value`` is an int (bool refused), a ValueError unless ``low <= value < high``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}) for {what}, got {value}")
+
+
+def _check_layout(layout) -> None:
+    if not isinstance(layout, ShardLayout):
+        raise TypeError(f"layout must be a ShardLayout, got {type(layout).__name__} {layout!r}")
 
 
 def halo_plan(layout: ShardLayout, rank: int, left: int, right: int):
@@ -120,7 +139,11 @@ def halo_plan(layout: ShardLayout, rank: int, left: int, right: int):
 
 def shard_sequence(x: torch.Tensor, rank: int, sizes: Sequence[int], dim: int = 2) -> torch.Tensor:
     """Rank ``rank``'s contiguous slice of the full tensor ``x`` along ``dim``."""
-    layout = ShardLayout(tuple(sizes))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    layout = ShardLayout(sizes)  # it makes a tuple of the sizes, or says why it cannot
+    _check_index("rank", rank, 0, layout.world_size, f"{layout.world_size} shard sizes {layout.sizes}")
+    _check_index("dim", dim, -x.ndim, x.ndim, f"x of shape {tuple(x.shape)}")
     if x.shape[dim] != layout.n:
         raise ValueError(f"x has {x.shape[dim]} positions along dim {dim} but shard sizes sum to {layout.n}")
     s, e = layout.bounds(rank)

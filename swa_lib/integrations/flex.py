@@ -151,7 +151,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: A
 
     check_qkv(q, k, v)
     pattern = check_pattern(pattern, q, k)
-    scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale, q.dtype)
     if block_mask is None:
         block_mask = to_block_mask(pattern, q.shape[2], k.shape[2], num_heads=q.shape[1], device=q.device)
     return torch_flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -23,8 +23,8 @@ variant, whose sink-to-query distances grow without bound (the book shows why th
 Life cycle of every cache: construct (buffers are allocated once), then call ``update`` with
 the new keys/values of each step; it returns what attention needs. ``reset()`` starts over.
 Memory: ``RollingKVCache`` and ``SinkKVCache`` hold ``2 * B * H_kv * W * D`` numbers whatever
-the number of tokens; the temporary context returned by ``update`` has ``min(n, W) + C``
-keys for a chunk of ``C`` new tokens.
+the number of tokens; the temporary context returned by ``RollingKVCache.update`` has
+``min(n, W) + C`` keys for a chunk of ``C`` new tokens (``SinkKVCache``'s at most ``W``).
 """
 
 from __future__ import annotations
@@ -193,8 +193,9 @@ class SinkKVCache(_CacheBase):
             ``"original"`` (naive: every token keeps its position in the stream).
         dtype, device: of the buffers.
 
-    Once ``W`` tokens have been seen, each update takes exactly one token (the cache view then
-    changes with every token, so a chunk of queries would need different keys each).
+    An update of several tokens must fit in the filling cache (``seen + C <= W``); beyond that,
+    each update takes exactly one token (the cache view then changes with every token, so a
+    chunk of queries would need different keys each).
     """
 
     def __init__(self, batch: int, heads_kv: int, window: int, head_dim: int, *, sinks: int = 4,

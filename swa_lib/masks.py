@@ -196,7 +196,8 @@ class AttentionPattern:
         """Boolean mask, True where attention is allowed.
 
         Returns shape ``(B', H', n_q, n_k)`` with ``B' = B`` if there are global tokens (else 1)
-        and ``H' = num_heads`` if the dilation differs per head (else 1), ready to broadcast
+        and ``H' = num_heads`` if the dilation is given per head (a sequence, even of equal
+        values; else 1), ready to broadcast
         against scores of shape ``(B, H, n_q, n_k)``. Memory is O(n_q * n_k): this is for the
         dense and reference paths and for pictures, not for long sequences.
         """

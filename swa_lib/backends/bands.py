@@ -16,8 +16,8 @@ that copy), and an exact mask (:meth:`Plan.exact_mask`) hides what does not exis
 would reach past all keys, every block sees all keys (``stride`` 0) and every block gets the
 exact mask.
 
-Blocks are grouped into *slabs* (runs of blocks whose scores fit :data:`SLAB_SCORES`), the
-unit of work of :mod:`swa_lib.backends.blocked`: :attr:`Plan.segments` lists them.
+Blocks are grouped into *slabs* (runs of blocks whose scores fit a budget, :data:`SLAB_SCORES` by
+default; at least one block each), the unit of work of :mod:`swa_lib.backends.blocked`: :attr:`Plan.segments` lists them.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ The bands of consecutive blocks start ``Bq`` keys apart, so they are one strided
 keys (:func:`~swa_lib.backends.bands.band_view`, no copy), and ``torch.baddbmm`` multiplies a
 whole *slab* of blocks at once, with the one band mask all interior blocks share riding along
 as the product's additive input. Only the few blocks at the ends of the sequence are copied
-and masked exactly (:mod:`swa_lib.backends.bands` has the geometry). On a CPU the forward hands
-each slab to PyTorch's fused FlashAttention kernel instead, which keeps the scores in cache
+and masked exactly (:mod:`swa_lib.backends.bands` has the geometry). On a CPU (when this PyTorch has
+the kernel and ``D == D_v``) the forward hands each slab to PyTorch's fused FlashAttention kernel
+instead, which keeps the scores in cache
 (:mod:`swa_lib.backends.slabs` has both ways of computing a slab).
 
 Work sharing: the slabs of all heads are independent pieces, run by

@@ -155,7 +155,7 @@ def chunked_band_attention(
     """Plain band attention by sliding chunks; returns ``(out, lse)`` like
     :func:`swa_lib.backends.blocked.band_attention` (same shapes, conventions and argument checks:
     half-precision inputs are computed in float32, ``out`` comes back in q's dtype and ``lse`` in
-    float32; bad arguments raise TypeError/ValueError naming them)."""
+    the dtype it was computed in (float32 for half inputs, else q's); bad arguments raise TypeError/ValueError naming them)."""
     scale = check_band_args(q, k, v, left, right, scale)
     return _chunked_band(q, k, v, left, right, scale)
 

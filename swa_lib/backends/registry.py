@@ -41,7 +41,7 @@ class Backend:
         dilation, global_tokens, sinks, gqa, cross_length: pattern features it implements
             (``cross_length``: fewer queries than keys, as in cached decoding).
         autograd: whether gradients flow through it.
-        is_available: a check for optional dependencies (e.g. Triton).
+        is_available: a check for optional dependencies (Triton's goes through ``devices_now``).
         devices_now: the device types it can run on in this process, found at call time, when
             that is decided by the environment (Triton: CUDA compiled, or CPU in the interpreter);
             none at all makes the backend unavailable.

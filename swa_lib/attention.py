@@ -10,7 +10,7 @@ import torch
 
 from .backends import choose_backend
 from .backends.common import compute_dtype, empty_output
-from .masks import UNBOUNDED, AttentionPattern, check_int, check_window, describe
+from .masks import UNBOUNDED, AttentionPattern, check_length, check_window, describe
 
 __all__ = ["sliding_window_attention", "make_pattern", "validate_call", "check_tensor", "check_qkv", "check_scale",
            "check_pattern", "global_mask"]
@@ -161,9 +161,9 @@ def make_pattern(
 ) -> AttentionPattern:
     """Validate the pattern arguments of :func:`sliding_window_attention` and build the pattern."""
     left, right = check_window(window)
-    batch, heads = _check_size("batch", batch), _check_size("heads", heads)
+    batch, heads = check_length("batch", batch), check_length("heads", heads)
     if n is not None:
-        n = _check_size("n", n)
+        n = check_length("n", n)
     if isinstance(dilation, (str, bytes)):
         raise TypeError(f"dilation must be an int or a sequence of ints (one per query head), got {dilation!r}")
     if not isinstance(dilation, int) and isinstance(dilation, Sequence) and len(dilation) != heads:
@@ -181,12 +181,6 @@ def make_pattern(
     if n is not None:
         left, right, dilation, sinks = _within_sequence(left, right, dilation, sinks, n)
     return AttentionPattern(left, right, dilation=dilation, sinks=sinks, global_tokens=g)  # validates
-
-
-def _check_size(name: str, value):
-    """:func:`~swa_lib.masks.check_int` with minimum 0 for a size taken from a tensor's shape; a
-    symbolic size (``torch.SymInt``, when traced shapes are passed) is left to the tracer."""
-    return value if isinstance(value, torch.SymInt) else check_int(name, value, 0)
 
 
 def _within_sequence(left: int, right: int, dilation, sinks, n: int):

@@ -89,9 +89,9 @@ def describe(value) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _check_length(name: str, value, minimum: int = 0):
-    """:func:`check_int` for a sequence length; a symbolic size (``torch.SymInt``, met when the
-    shapes of traced tensors are passed) is left to the tracer."""
+def check_length(name: str, value, minimum: int = 0):
+    """:func:`check_int` for a size (a length, a batch, a head count); a symbolic size
+    (``torch.SymInt``, met when the shapes of traced tensors are passed) is left to the tracer."""
     return value if isinstance(value, torch.SymInt) else check_int(name, value, minimum)
 
 
@@ -201,8 +201,8 @@ class AttentionPattern:
         against scores of shape ``(B, H, n_q, n_k)``. Memory is O(n_q * n_k): this is for the
         dense and reference paths and for pictures, not for long sequences.
         """
-        _check_length("n_q", n_q)
-        n_k = n_q if n_k is None else _check_length("n_k", n_k)
+        check_length("n_q", n_q)
+        n_k = n_q if n_k is None else check_length("n_k", n_k)
         if n_q > n_k:
             raise ValueError(f"more queries than keys is not supported: n_q={n_q} > n_k={n_k}")
         # Sizes no sequence can tell apart cut down to UNBOUNDED, as the entry point cuts them: the
@@ -231,7 +231,7 @@ class AttentionPattern:
     def keys_per_query(self, n: int) -> float:
         """Average number of keys a query sees in a sequence of ``n`` tokens, averaged over the
         queries (clipped rows at both ends included) and over heads (for FLOP counts)."""
-        _check_length("n", n, 1)
+        check_length("n", n, 1)
         if self.is_plain:
             return visible_keys(n, self.left, self.right) / n
         heads = 1 if isinstance(self.dilation, int) else len(self.dilation)

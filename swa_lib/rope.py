@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
 
 import torch
 
+from .attention import check_tensor
 from .masks import check_int
 
 __all__ = ["rope_frequencies", "rope_cos_sin", "rotate", "apply_rope", "apply_rope_reference"]
@@ -44,24 +44,9 @@ def _check_base(base) -> None:
         raise ValueError(f"RoPE base must be a finite number > 1, got {base!r}")
 
 
-def _check_x(x) -> None:
-    """``x`` must be a floating-point ``(B, H, N, D)`` tensor (RoPE rotates it into new values)."""
-    from .attention import check_tensor  # attention imports the backends; rope stays light to import
-
-    check_tensor("x", x)
-
-
 def _check_positions_dtype(pos: torch.Tensor) -> None:
     if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
         raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
-
-
-def _broadcast_shape(a, b) -> Optional[torch.Size]:
-    """The broadcast of shapes ``a`` and ``b``, or None if they do not broadcast."""
-    try:
-        return torch.broadcast_shapes(a, b)
-    except RuntimeError:
-        return None
 
 
 def _positions(positions, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +94,7 @@ def apply_rope(x: torch.Tensor, positions, base: float = 10000.0) -> torch.Tenso
 
     Returns a new tensor of the same shape and dtype. Position 0 is the identity.
     """
-    _check_x(x)
+    check_tensor("x", x)
     pos = _positions(positions, x)
     cos, sin = rope_cos_sin(pos, x.shape[-1], base, dtype=x.dtype)  # (N, D) or (B, N, D)
     if pos.ndim == 2:
@@ -120,7 +105,7 @@ def apply_rope(x: torch.Tensor, positions, base: float = 10000.0) -> torch.Tenso
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``(B, H, N, D)`` with tables from :func:`rope_cos_sin` (``(N, D)`` or
     ``(B, 1, N, D)``); lets a model build the tables once per forward pass for all its layers."""
-    _check_x(x)
+    check_tensor("x", x)
     if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even head dimension D, got x of shape {tuple(x.shape)}")
     for name, t in (("cos", cos), ("sin", sin)):
@@ -133,7 +118,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     b, _, n, d = x.shape
-    if cos.shape[-2:] != (n, d) or _broadcast_shape(x.shape, cos.shape) != x.shape:
+    # the tables broadcast to x without changing its shape: leading dims of 1 or of x's size
+    if cos.shape[-2:] != (n, d) or cos.ndim > 4 or any(
+            c not in (1, s) for c, s in zip(cos.shape[-3::-1], x.shape[-3::-1])):
         raise ValueError(f"cos and sin must have shape (N, D) = ({n}, {d}) or (B, 1, N, D) = ({b}, 1, {n}, {d}) "
                          f"for x of shape {tuple(x.shape)}, got {tuple(cos.shape)}")
     half = x.shape[-1] // 2
@@ -143,7 +130,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def apply_rope_reference(x: torch.Tensor, positions, base: float = 10000.0) -> torch.Tensor:
     """The same rotation written with complex numbers, one pair at a time (the test oracle)."""
-    _check_x(x)
+    check_tensor("x", x)
     pos = _positions(positions, x)
     if pos.ndim == 1:
         pos = pos[None].expand(x.shape[0], -1)  # (B, N)
